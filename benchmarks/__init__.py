@@ -1,0 +1,1 @@
+"""dpkernels benchmarks: dense vs gated, layer by layer (run as python -m benchmarks.bench_NAME)."""

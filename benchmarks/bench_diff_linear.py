@@ -1,0 +1,114 @@
+"""One linear layer, M tokens x K -> N, bf16 autocast, fp32 parameters: full finetuning vs diff pruning.
+
+Providers:
+    nn.Linear       full finetuning (the target to match)
+    torch           dpkernels on its torch backend (reference gate math, eager)
+    torch.compile   dpkernels.reference.diff_linear under torch.compile
+    triton          dpkernels on its Triton backend (gate-apply kernel, cuBLAS, gate-backward kernel)
+Modes: forward, full (forward + backward, L0 gradient included).
+
+    python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 512,8192] [--shapes 4096x11008]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import dpkernels
+from benchmarks.common import environment, measure, print_table, write_rows
+from dpkernels import reference
+
+DEFAULT_SHAPES = "768x3072,3072x768,1024x4096,4096x1024,4096x4096,4096x11008"
+L0_LAMBDA = 1e-3
+
+
+def _providers(k: int, n: int, device: str):
+    """name -> (module-like callable taking x, the trainable parameters)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(k, n, device=device)
+    layer = dpkernels.DiffLinear.from_linear(linear, l0_lambda=L0_LAMBDA)
+    with torch.no_grad():
+        layer.diff.normal_(0, 0.01)
+        layer.log_alpha.normal_(0, 2)
+    gated = [layer.diff, layer.log_alpha, layer.bias_diff, layer.bias_log_alpha]
+
+    def backend(name):
+        def fn(x):
+            os.environ["DPKERNELS_BACKEND"] = name
+            return layer(x)
+        return fn
+
+    def reference_step(x, seed=1234):
+        y = reference.diff_linear(x, layer.weight, layer.bias, layer.diff, layer.log_alpha, layer.bias_diff,
+                                  layer.bias_log_alpha, seed=seed)
+        return y, L0_LAMBDA * (reference.expected_l0(layer.log_alpha) + reference.expected_l0(layer.bias_log_alpha))
+
+    compiled = torch.compile(reference_step)
+    return {
+        "nn.Linear": (lambda x: (linear(x), None), list(linear.parameters())),
+        "torch": (lambda x: (backend("torch")(x), None), gated),
+        "torch.compile": (compiled, gated),
+        "triton": (lambda x: (backend("triton")(x), None), gated),
+    }
+
+
+def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers: list[str]) -> list[dict]:
+    env = environment(device)
+    rows = []
+    for k, n in shapes:
+        available = _providers(k, n, device)
+        for m in tokens:
+            x = torch.randn(m, k, device=device, requires_grad=True)
+            gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+            for name in providers:
+                fn, params = available[name]
+
+                def forward(fn=fn, x=x):
+                    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                        return fn(x)
+
+                def full(fn=fn, params=params, x=x, gy=gy):
+                    for p in (x, *params):
+                        p.grad = None
+                    y, penalty = forward(fn, x)
+                    outputs, grads = [y], [gy]
+                    if penalty is not None:  # the compiled reference adds E[L0] to the loss
+                        outputs.append(penalty)
+                        grads.append(torch.ones_like(penalty))
+                    torch.autograd.backward(outputs, grads)
+
+                for mode, case in (("forward", lambda: forward()), ("full", full)):
+                    with torch.no_grad() if mode == "forward" else torch.enable_grad():
+                        ms, q20, q80, peak = measure(case, device)
+                    rows.append(dict(op="diff_linear", provider=name, mode=mode, shape=f"{m}x{k}->{n}",
+                                     dtype="bf16-autocast", ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak,
+                                     gbps=float("nan"), **env))
+    os.environ.pop("DPKERNELS_BACKEND", None)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", default="512,8192")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of KxN (in x out features)")
+    parser.add_argument("--providers", default=None, help="default: all on CUDA; nn.Linear,torch on CPU")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = parser.parse_args(argv)
+    if args.device != "cuda":
+        print("bench_diff_linear: no CUDA device; a CPU smoke run of nn.Linear and the torch backend only")
+    default = "nn.Linear,torch,torch.compile,triton" if args.device == "cuda" else "nn.Linear,torch"
+    providers = (args.providers or default).split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows = run(args.device, tokens, shapes, providers)
+    print_table(rows)
+    print("wrote", *write_rows(rows, args.out, "bench_diff_linear"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Gate kernels alone: one-pass gate-apply (theta0 + z*w -> compute dtype) and gate-backward.
+
+Elementwise and memory-bound, so the figure of merit is bandwidth: bytes moved per element are
+forward 2 + 4 + 4 + 2 (bf16 theta0, fp32 w and log_alpha, bf16 out) and backward
+2 + 4 + 4 + 4 + 4 (bf16 g in; fp32 w, log_alpha in; fp32 grads out).
+
+    python -m benchmarks.bench_gates [--device cuda] [--shapes 4096x11008,768x3072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from benchmarks.common import environment, measure, print_table, write_rows
+from dpkernels.backends import load
+
+DEFAULT_SHAPES = "768x3072,4096x4096,4096x11008"
+GATES = (-1.5, 1.5, 1.0)  # l, r, beta
+
+
+def run(device: str, shapes: list[tuple[int, int]], providers: list[str]) -> list[dict]:
+    env = environment(device)
+    rows = []
+    for n, k in shapes:
+        gen = torch.Generator().manual_seed(0)
+        theta0 = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
+        w = (torch.randn(n, k, generator=gen) * 0.01).to(device)
+        la = (torch.randn(n, k, generator=gen) * 2).to(device)
+        g = torch.randn(n, k, generator=gen).to(device, torch.bfloat16)
+        for provider in providers:
+            backend = load(provider)
+            def forward(backend=backend, la=la, theta0=theta0, w=w):
+                return backend.gate_forward(la, 7, 0, True, *GATES, theta0=theta0, diff=w, out_dtype=torch.bfloat16)
+
+            def backward(backend=backend, g=g, w=w, la=la):
+                return backend.gate_backward(g, w, la, 7, 0, True, *GATES, 1e-3)
+
+            cases = {"forward": (forward, 12), "backward": (backward, 18)}
+            for mode, (fn, bytes_per_element) in cases.items():
+                ms, q20, q80, peak = measure(fn, device)
+                rows.append(dict(op="gates", provider=provider, mode=mode, shape=f"{n}x{k}", dtype="bf16", ms=ms,
+                                 ms_q20=q20, ms_q80=q80, peak_mb=peak, gbps=bytes_per_element * n * k / ms / 1e6,
+                                 **env))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    parser.add_argument("--providers", default=None, help="comma list of torch,triton (default: both on CUDA)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = parser.parse_args(argv)
+    if args.device != "cuda":
+        print("bench_gates: no CUDA device; running the torch provider only, as a smoke test (CPU times say "
+              "nothing about the GPU kernels)")
+    providers = (args.providers or ("torch,triton" if args.device == "cuda" else "torch")).split(",")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    rows = run(args.device, shapes, providers)
+    print_table(rows)
+    print("wrote", *write_rows(rows, args.out, "bench_gates"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

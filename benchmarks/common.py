@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: timing, peak memory, and one row schema for CSV/JSON.
+
+Row schema (Liger-Kernel style): op, provider, mode, shape, dtype, ms (median), ms_q20, ms_q80,
+peak_mb, gbps (bytes moved / median, where meaningful), device, torch, triton, date, commit.
+On CUDA the times are triton.testing.do_bench medians; on CPU a perf_counter loop (smoke runs
+only: CPU numbers say nothing about the kernels).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+FIELDS = ["op", "provider", "mode", "shape", "dtype", "ms", "ms_q20", "ms_q80", "peak_mb", "gbps", "device",
+          "torch", "triton", "date", "commit"]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: str) -> dict:
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "date": datetime.date.today().isoformat(), "commit": _commit()}
+
+
+def measure(fn, device: str, *, warmup: int = 3, reps: int = 20) -> tuple[float, float, float, float]:
+    """(median ms, 20% quantile, 80% quantile, peak MB allocated during one call beyond the start)."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start_mb = torch.cuda.memory_allocated() / 2**20
+        fn()
+        torch.cuda.synchronize()
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20 - start_mb
+        q20, med, q80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8])
+        return med, q20, q80, peak_mb
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = torch.tensor(times).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
+    return q[1], q[0], q[2], float("nan")
+
+
+def write_rows(rows: list[dict], out_dir: str, name: str) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, json_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.json")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(json_path, "w") as f:
+        json.dump(rows, f, indent=1)
+    return csv_path, json_path
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["op", "provider", "mode", "shape", "dtype", "ms", "ms_q20", "ms_q80", "peak_mb", "gbps"]
+    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.4g}"
+    return str(v)

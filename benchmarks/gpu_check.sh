@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The one GPU check (run through the device tool, from the repo root): build and install the
+# package from source, run every test (the cuda-marked ones execute there), then the benchmarks.
+# Logs and CSV/JSON tables land in $OUT (benchmarks/out when run by hand). Copy the numbers, with
+# the device name, date and commit, into benchmarks/RESULTS.md.
+set -uo pipefail
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tee "$OUT/install.log" || status=1
+python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
+python3 -m pytest -q -rs 2>&1 | tee "$OUT/tests.log" | tail -n 30 || status=1
+python3 -m benchmarks.bench_gates --out "$OUT" || status=1
+python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
+exit $status

@@ -1,0 +1,50 @@
+"""dpkernels: fast diff pruning (Guo, Rush & Kim, ACL 2021) for PyTorch.
+
+Public API (DESIGN.md section 5): sample_gates, eval_gates, expected_l0, diff_linear, DiffLinear,
+info. Backends (torch reference, Triton, CUDA) are chosen per call by DPKERNELS_BACKEND.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .backends import BackendUnavailable
+from .nn import DiffLinear
+from .ops import diff_linear, eval_gates, expected_l0, gate_apply, sample_gates
+
+try:
+    __version__ = version("dpkernels")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "BackendUnavailable",
+    "DiffLinear",
+    "diff_linear",
+    "eval_gates",
+    "expected_l0",
+    "gate_apply",
+    "info",
+    "sample_gates",
+]
+
+
+def info() -> dict:
+    """Versions, the CUDA device (queried now, not at import), backends available and chosen."""
+    import torch
+
+    from . import backends
+
+    try:
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    report = {
+        "dpkernels": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda_device": torch.cuda.get_device_name() if cuda else None,
+    }
+    report.update(backends.info())
+    return report

@@ -1,0 +1,108 @@
+"""Backend registry and dispatch: the one place that decides which implementation runs an op.
+
+Every backend module offers the same primitives (``gate_forward``, ``gate_backward``, with the
+signatures of ``dpkernels.reference``):
+
+    torch   dpkernels.reference   any device, any float dtype (the oracle and CPU fallback)
+    triton  backends/triton       CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp32 gates
+    cuda    backends/cuda         the compiled extension dpkernels._C; CUDA tensors, fp32 gates
+
+``DPKERNELS_BACKEND=auto|triton|cuda|torch`` (read at every call). ``auto`` takes the first of
+triton, cuda, torch that can run the op on the tensors' device; an explicit choice that cannot
+run raises :class:`BackendUnavailable`. Nothing here touches the GPU or imports triton at import
+time; :func:`info` reports what is available and which backend each op last ran on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+_ENV = "DPKERNELS_BACKEND"
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch")}  # other devices: torch only
+_loaded: dict[str, object] = {}
+_load_errors: dict[str, str] = {}
+_last_used: dict[str, str] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not installed, not built, or wrong device/dtype)."""
+
+
+def requested() -> str:
+    name = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{_ENV}={name!r} is not one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def _import(name: str):
+    if name == "torch":
+        return importlib.import_module("dpkernels.reference")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ImportError("triton is not installed (pip install triton)")
+        return importlib.import_module("dpkernels.backends.triton")
+    return importlib.import_module("dpkernels.backends.cuda").load()
+
+
+def load(name: str):
+    """The backend module, imported once; raises BackendUnavailable with the import error."""
+    if name not in _loaded and name not in _load_errors:
+        try:
+            _loaded[name] = _import(name)
+        except Exception as exc:  # any import failure makes the backend unavailable, with its reason
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+    if name in _load_errors:
+        raise BackendUnavailable(f"the {name} backend is unavailable: {_load_errors[name]}")
+    return _loaded[name]
+
+
+def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why backend `name` cannot run on tensors of this device and gate-parameter dtype, or None."""
+    if name == "torch":
+        return None
+    interpreted = name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        hint = " (or CPU tensors under TRITON_INTERPRET=1)" if name == "triton" else ""
+        return f"it runs on CUDA tensors{hint}, got {device.type} tensors"
+    if dtype != torch.float32:
+        return f"it takes float32 diff and log_alpha, got {dtype}"
+    return None
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype):
+    """The backend module that runs `op` for gate parameters of this device and dtype."""
+    choice = requested()
+    if choice != "auto":
+        reason = unsupported_reason(choice, device, dtype)
+        if reason:
+            raise BackendUnavailable(f"{_ENV}={choice} cannot run {op}: {reason}")
+        module = load(choice)
+        _last_used[op] = choice
+        return module
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        if unsupported_reason(name, device, dtype) is None:
+            try:
+                module = load(name)
+            except BackendUnavailable:
+                continue
+            _last_used[op] = name
+            return module
+    raise BackendUnavailable(f"no backend can run {op} on {device}")  # unreachable: torch runs all
+
+
+def info() -> dict:
+    """Available backends (importing them if needed), the requested one, the last used per op."""
+    report = {}
+    for name in BACKENDS:
+        try:
+            load(name)
+            report[name] = {"available": True, "reason": None}
+        except BackendUnavailable as exc:
+            report[name] = {"available": False, "reason": str(exc)}
+    return {"requested": requested(), "backends": report, "last_used": dict(_last_used)}

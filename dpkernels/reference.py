@@ -1,0 +1,308 @@
+"""Pure-PyTorch reference for diff pruning: the test oracle, the CPU backend, the baseline.
+
+Everything here follows DESIGN.md section 1 literally and runs on any device and any floating
+dtype (tests use float64). Nothing here imports a backend.
+
+Randomness: ``philox_uniform(seed, offsets)`` reproduces Triton's ``tl.rand(seed, offsets)`` bit for
+bit (Philox4x32 with 10 rounds, counter = (offset_lo, offset_hi, 0, 0), key = (seed_lo, seed_hi),
+first 32-bit word mapped to [0, 1) exactly as ``triton.language.random.uint_to_uniform_float``
+does). The 32-bit arithmetic is emulated in int64 tensors, so it works on every device.
+
+Gates (hard concrete, Louizos et al. 2018, as used by Guo et al. 2021)::
+
+    s    = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+    sbar = s * (r - l) + l
+    z    = clamp(sbar, 0, 1)
+    dz/dlog_alpha = 1[0 < sbar < 1] * (r - l) * s * (1 - s) / beta
+
+u = 0 is possible (probability 2**-31 per draw); log(0) = -inf then gives s = 0 and z = 0, with
+no NaN, as long as log_alpha is finite.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "normalize_seed",
+    "philox4x32",
+    "philox_randint",
+    "philox_uniform",
+    "uniform",
+    "hard_concrete",
+    "sample_gates",
+    "eval_gates",
+    "eval_gates_and_grad",
+    "expected_l0",
+    "expected_l0_grad",
+    "gate_forward",
+    "gate_backward",
+    "effective_weight",
+    "diff_linear",
+    "diff_linear_backward",
+]
+
+# --------------------------------------------------------------------------------------------
+# Philox4x32-10, bit-identical to triton.language.random
+# --------------------------------------------------------------------------------------------
+
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+# Triton's uint_to_uniform_float scale: the largest float32 with (2**31 - 1) * scale < 1.
+_UNIFORM_SCALE = 4.6566127342e-10
+# Elements per chunk: bounds the int64 temporaries of the emulation (~10 live x 8 B x chunk).
+_CHUNK = 1 << 22
+
+
+def normalize_seed(seed) -> int:
+    """The seed as an unsigned 64-bit integer. Accepts any int in [-2**63, 2**64).
+
+    Negative seeds are read as two's complement, exactly as Triton widens a signed seed.
+    """
+    if isinstance(seed, bool) or seed is None:
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
+            raise TypeError("a seed tensor must hold one integer")
+        seed = int(seed.item())
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}") from None
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
+    return seed & ((1 << 64) - 1)
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a constant a < 2**32 and int64 b in [0, 2**32).
+
+    Splitting b into 16-bit halves keeps every partial product below 2**49, inside int64.
+    """
+    t = a * (b & 0xFFFF)
+    u = a * (b >> 16) + (t >> 16)
+    return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox4x32(seed: int, c0, c1, c2, c3):
+    """Philox4x32-10 on int64 tensors of 32-bit words; returns the four output words.
+
+    Key = (seed_lo, seed_hi) of the unsigned 64-bit seed, rounds and constants as Random123
+    and triton.language.random.philox_impl.
+    """
+    k0, k1 = seed & _MASK32, seed >> 32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _philox_first_word(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """tl.randint's word (int64 in [0, 2**32)): counters (offset_lo, offset_hi, 0, 0)."""
+    zero = torch.zeros_like(offsets)
+    return philox4x32(seed, offsets & _MASK32, offsets >> 32, zero, zero)[0]
+
+
+def _check_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError("offsets must be an int32 or int64 tensor")
+    offsets = offsets.to(torch.int64)
+    if offsets.numel() and bool((offsets < 0).any()):
+        raise ValueError("Philox offsets must be non-negative")
+    return offsets
+
+
+def philox_randint(seed, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)`` as int32 (the first Philox word, bit-cast)."""
+    seed = normalize_seed(seed)
+    offsets = _check_offsets(offsets)
+    flat = offsets.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        out[start : start + _CHUNK] = _philox_first_word(seed, flat[start : start + _CHUNK])
+    out = torch.where(out >= (1 << 31), out - (1 << 32), out)
+    return out.to(torch.int32).reshape(offsets.shape)
+
+
+def philox_uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, offsets)``: float32 in [0, 1), bit-identical to Triton."""
+    seed = normalize_seed(seed)
+    offsets = _check_offsets(offsets)
+    flat = offsets.reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
+    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        word = _philox_first_word(seed, flat[start : start + _CHUNK])
+        # int32 bit-cast, then x < 0 -> ~x (= 2**32 - 1 - word): a value in [0, 2**31 - 1].
+        x = torch.where(word >= (1 << 31), _MASK32 - word, word)
+        out[start : start + _CHUNK] = x.to(torch.float32) * scale
+    return out.reshape(offsets.shape)
+
+
+def uniform(seed, numel: int, offset: int = 0, device=None) -> torch.Tensor:
+    """The draws for flat element indices ``offset .. offset + numel - 1`` of one tensor."""
+    offsets = torch.arange(numel, dtype=torch.int64, device=device) + int(offset)
+    return philox_uniform(seed, offsets)
+
+
+# --------------------------------------------------------------------------------------------
+# Hard-concrete gates and the expected L0 norm
+# --------------------------------------------------------------------------------------------
+
+
+def hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor, *, l: float, r: float, beta: float):
+    """Training gates z and dz/dlog_alpha for given uniform draws u, in log_alpha's dtype.
+
+    z is differentiable w.r.t. log_alpha through autograd (clamp/sigmoid); the returned
+    derivative is the explicit formula with the strict indicator 1[0 < sbar < 1].
+    """
+    u = u.to(log_alpha.dtype)
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / beta)
+    sbar = s * (r - l) + l
+    z = sbar.clamp(0, 1)
+    inside = (sbar > 0) & (sbar < 1)
+    dz = torch.where(inside, (r - l) * s * (1 - s) / beta, torch.zeros_like(s))
+    return z, dz.detach()
+
+
+def sample_gates(log_alpha: torch.Tensor, seed, *, offset: int = 0, l=-1.5, r=1.5, beta=1.0):
+    """Training gates for draws (seed, offset + i), i the flat index; differentiable."""
+    u = uniform(seed, log_alpha.numel(), offset, log_alpha.device).reshape(log_alpha.shape)
+    return hard_concrete(log_alpha, u, l=l, r=r, beta=beta)[0]
+
+
+def eval_gates_and_grad(log_alpha: torch.Tensor, *, l=-1.5, r=1.5):
+    """Deterministic gates z_eval = clamp(sigmoid(log_alpha) (r - l) + l, 0, 1) and dz/dlog_alpha."""
+    s = torch.sigmoid(log_alpha)
+    sbar = s * (r - l) + l
+    inside = (sbar > 0) & (sbar < 1)
+    dz = torch.where(inside, (r - l) * s * (1 - s), torch.zeros_like(s))
+    return sbar.clamp(0, 1), dz.detach()
+
+
+def eval_gates(log_alpha: torch.Tensor, *, l=-1.5, r=1.5) -> torch.Tensor:
+    return eval_gates_and_grad(log_alpha, l=l, r=r)[0]
+
+
+def l0_shift(l: float, r: float, beta: float) -> float:
+    """beta * log(-l / r): P(gate != 0) = sigmoid(log_alpha - l0_shift)."""
+    return beta * math.log(-l / r)
+
+
+def expected_l0(log_alpha: torch.Tensor, *, l=-1.5, r=1.5, beta=1.0) -> torch.Tensor:
+    """E[L0] = sum_i P(z_i != 0) = sum_i sigmoid(log_alpha_i - beta log(-l / r)); differentiable."""
+    return torch.sigmoid(log_alpha - l0_shift(l, r, beta)).sum()
+
+
+def expected_l0_grad(log_alpha: torch.Tensor, *, l=-1.5, r=1.5, beta=1.0) -> torch.Tensor:
+    p = torch.sigmoid(log_alpha - l0_shift(l, r, beta))
+    return p * (1 - p)
+
+
+def _gates_and_grad(log_alpha, seed, offset, training, l, r, beta):
+    if training:
+        u = uniform(seed, log_alpha.numel(), offset, log_alpha.device).reshape(log_alpha.shape)
+        return hard_concrete(log_alpha, u, l=l, r=r, beta=beta)
+    return eval_gates_and_grad(log_alpha, l=l, r=r)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend primitives (the torch backend): same signatures as the Triton and CUDA launchers
+# --------------------------------------------------------------------------------------------
+
+
+def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None):
+    """Gates z (theta0 is None) or the effective weight theta0 + z * diff in out_dtype.
+
+    The sum is formed in the diff's precision and rounded once to out_dtype.
+    """
+    with torch.no_grad():
+        z, _ = _gates_and_grad(log_alpha, seed, offset, training, l, r, beta)
+        if theta0 is None:
+            return z
+        return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
+
+
+def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0,
+                  grad_diff=None, grad_log_alpha=None):
+    """Route g = dLoss/dtheta to the trainable tensors; accumulate into given buffers.
+
+        grad_diff      = g * z
+        grad_log_alpha = g * diff * dz/dlog_alpha + l0_lambda * p * (1 - p)
+    """
+    with torch.no_grad():
+        z, dz = _gates_and_grad(log_alpha, seed, offset, training, l, r, beta)
+        g = g.to(diff.dtype)
+        gw = g * z
+        gla = g * diff * dz
+        if l0_lambda:
+            gla = gla + l0_lambda * expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
+        if grad_diff is not None:
+            gw = grad_diff.add_(gw)
+        if grad_log_alpha is not None:
+            gla = grad_log_alpha.add_(gla)
+        return gw, gla
+
+
+# --------------------------------------------------------------------------------------------
+# The diff linear layer, forward (differentiable) and explicit backward
+# --------------------------------------------------------------------------------------------
+
+
+def effective_weight(theta0, diff, log_alpha, *, seed=None, offset=0, training=True, l=-1.5, r=1.5,
+                     beta=1.0):
+    """theta0 + z * diff in diff's dtype; differentiable w.r.t. diff and log_alpha."""
+    if training:
+        z = sample_gates(log_alpha, seed, offset=offset, l=l, r=r, beta=beta)
+    else:
+        z = eval_gates(log_alpha, l=l, r=r)
+    return theta0.to(diff.dtype) + z * diff
+
+
+def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha=None, *, seed=None,
+                training=True, l=-1.5, r=1.5, beta=1.0):
+    """y = x (weight + z * diff)^T + (bias + z_b * bias_diff), computed in diff's dtype.
+
+    Weight gates use draws (seed, i); bias gates use (seed, weight.numel() + j).
+    """
+    gates = dict(seed=seed, training=training, l=l, r=r, beta=beta)
+    w_eff = effective_weight(weight, diff, log_alpha, **gates)
+    b_eff = None
+    if bias is not None:
+        b_eff = bias.to(diff.dtype)
+        if bias_diff is not None:
+            b_eff = effective_weight(bias, bias_diff, bias_log_alpha, offset=weight.numel(), **gates)
+    return F.linear(x.to(diff.dtype), w_eff, b_eff)
+
+
+def diff_linear_backward(grad_y, x, weight, diff, log_alpha, bias_diff=None, bias_log_alpha=None, *,
+                         seed=None, training=True, l=-1.5, r=1.5, beta=1.0, l0_lambda=0.0):
+    """Explicit gradients of diff_linear (plus l0_lambda * E[L0] of every gate) in diff's dtype.
+
+        grad_x     = grad_y W_eff          G = grad_y^T x,  g_b = sum over tokens of grad_y
+        grad_diff, grad_log_alpha = gate_backward(G), gate_backward(g_b) for the bias
+
+    Returns (grad_x, grad_diff, grad_log_alpha, grad_bias_diff, grad_bias_log_alpha).
+    """
+    gates = dict(seed=seed, training=training, l=l, r=r, beta=beta)
+    w_eff = effective_weight(weight, diff, log_alpha, **gates).detach()
+    gy = grad_y.reshape(-1, grad_y.shape[-1]).to(diff.dtype)
+    x2 = x.reshape(-1, x.shape[-1]).to(diff.dtype)
+    grad_x = (gy @ w_eff).reshape(x.shape)
+    route = dict(training=training, l=l, r=r, beta=beta, l0_lambda=l0_lambda)
+    grad_diff, grad_la = gate_backward(gy.t() @ x2, diff, log_alpha, seed, 0, **route)
+    grad_bd = grad_bla = None
+    if bias_diff is not None:
+        grad_bd, grad_bla = gate_backward(gy.sum(0), bias_diff, bias_log_alpha, seed, weight.numel(), **route)
+    return grad_x, grad_diff, grad_la, grad_bd, grad_bla

@@ -1,0 +1,64 @@
+"""Test set-up: Triton kernels run under the interpreter on CPU-only machines.
+
+TRITON_INTERPRET must be set before the first @triton.jit runs; dpkernels imports its Triton
+kernels lazily, so setting it here (before any test module imports them) is enough. With a GPU
+the real kernels run and the cuda-marked tests are collected too.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (device, backend) pairs every backend-parametrized test runs on.
+_CASES = [("cpu", "torch"), ("cpu", "triton"), ("cuda", "torch"), ("cuda", "triton")]
+
+
+def _case_marks(device: str, backend: str):
+    marks = []
+    if device == "cuda":
+        marks += [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+    if device == "cpu" and backend == "triton":
+        marks.append(pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU needs TRITON_INTERPRET=1"))
+    return marks
+
+
+BACKEND_CASES = [pytest.param((d, b), id=f"{d}-{b}", marks=_case_marks(d, b)) for d, b in _CASES]
+# Devices for tests of the torch code paths alone.
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=_case_marks("cuda", "torch"))]
+# Devices where Triton kernels can run (CPU only through the interpreter).
+TRITON_DEVICES = [pytest.param(d, marks=_case_marks(d, "triton")) for d in ("cpu", "cuda")]
+
+
+@pytest.fixture(autouse=True)
+def _default_backend_env(monkeypatch):
+    """Every test starts from DPKERNELS_BACKEND unset (auto) and no finite-check override."""
+    monkeypatch.delenv("DPKERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("DPKERNELS_CHECK_FINITE", raising=False)
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def device_backend(request, monkeypatch):
+    """(device, backend) with DPKERNELS_BACKEND set to that backend."""
+    device, backend = request.param
+    monkeypatch.setenv("DPKERNELS_BACKEND", backend)
+    return device, backend
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_by_rule(kernel, torch_same_dtype, oracle, atol: float, name: str = "") -> None:
+    """DESIGN.md's rule: err(kernel) <= 2 * err(torch in the same dtype) + atol, errors vs the fp64 oracle."""
+    assert kernel.shape == oracle.shape, f"{name}: shape {tuple(kernel.shape)} != {tuple(oracle.shape)}"
+    assert torch.isfinite(kernel).all(), f"{name}: non-finite values"
+    err_kernel = max_err(kernel, oracle)
+    err_torch = max_err(torch_same_dtype, oracle)
+    assert err_kernel <= 2 * err_torch + atol, (
+        f"{name}: kernel error {err_kernel:.3g} > 2 * torch error {err_torch:.3g} + atol {atol:.3g}")
