@@ -10,7 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .backends import BackendUnavailable
 from .nn import DiffLinear
-from .ops import diff_linear, eval_gates, expected_l0, gate_apply, sample_gates
+from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
+from .prune import project
 
 try:
     __version__ = version("dpkernels")
@@ -23,8 +24,10 @@ __all__ = [
     "diff_linear",
     "eval_gates",
     "expected_l0",
+    "fixed_mask_linear",
     "gate_apply",
     "info",
+    "project",
     "sample_gates",
 ]
 

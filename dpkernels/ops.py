@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import select
+from .backends import BackendUnavailable, select
 
 _FINITE_ENV = "DPKERNELS_CHECK_FINITE"
 
@@ -222,3 +222,100 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     elif bias is not None:
         b_eff = bias.to(cdt)
     return F.linear(x.to(cdt), w_eff, b_eff)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-mask linear (after projection): delta only at sorted flat indices, no gates
+# --------------------------------------------------------------------------------------------
+
+
+def _check_mask(names, theta0, index, values) -> None:
+    base, index_name, values_name = names
+    _check_tensor(base, theta0)
+    _check_tensor(values_name, values)
+    _check_tensor(index_name, index, floating=False)
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise TypeError(f"{index_name} must be a 1-D int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
+    if values.shape != index.shape:
+        raise ValueError(f"{values_name} has shape {tuple(values.shape)}, {index_name} has {tuple(index.shape)}")
+    for name, t in ((index_name, index), (values_name, values)):
+        if t.device != theta0.device:
+            raise ValueError(f"{name} is on {t.device}, {base} on {theta0.device}")
+
+
+def check_mask_index(name: str, index: torch.Tensor, numel: int) -> None:
+    """Mask indices must be strictly increasing (sorted, unique) and inside [0, numel): the kernels
+    rely on both (costs a host sync on GPU tensors)."""
+    if index.numel() == 0:
+        return
+    if bool((index[1:] <= index[:-1]).any()):
+        raise ValueError(f"{name} must be sorted and free of duplicates")
+    low, high = int(index[0]), int(index[-1])
+    if low < 0 or high >= numel:
+        raise ValueError(f"{name} holds indices outside [0, {numel}): {low if low < 0 else high}")
+
+
+class FixedMaskLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W = theta0 + scatter(index, values) (likewise b), in the compute dtype.
+
+    Backward: grad_x = dY W (one GEMM, as nn.Linear); grad_values = (dY^T X)[index] computed only
+    at the mask's entries (sddmm), never as a dense (N, K) product; grad_bias_values =
+    (sum over tokens of dY)[bias_index]. Saved: x and the compute-dtype W (as nn.Linear saves x and W).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, index, bias_values, bias_index, cdt, backend):
+        w_eff = reference.masked_weight(weight, index, values, cdt)
+        b_eff = None
+        if bias is not None:
+            b_eff = bias.to(cdt) if bias_values is None else reference.masked_weight(bias, bias_index, bias_values, cdt)
+        x_c = x.to(cdt)
+        ctx.save_for_backward(x_c, w_eff, index, bias_index)
+        ctx.backend, ctx.x_dtype = backend, x.dtype
+        return torch.nn.functional.linear(x_c, w_eff, b_eff)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_c, w_eff, index, bias_index = ctx.saved_tensors
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(w_eff.dtype)
+        grad_x = grad_values = grad_bias_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gy @ w_eff).reshape(x_c.shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_values = ctx.backend.sddmm(gy, x_c.reshape(-1, x_c.shape[-1]), index, w_eff.shape[1])
+        if ctx.needs_input_grad[5]:
+            grad_bias_values = gy.sum(0, dtype=torch.float32)[bias_index]
+        return grad_x, None, None, grad_values, None, grad_bias_values, None, None, None
+
+
+def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_values=None, *, validate=True):
+    """Fixed-mask finetuning's linear: y = x (weight + m * w)^T + (bias + m_b * w_b).
+
+    The mask m is given by sorted unique flat indices ``index`` (int64) and the trainable delta by
+    ``values`` (fp32) at those entries; likewise ``bias_index``/``bias_values`` (None: bias ungated).
+    The weight gradient is computed only at the mask's entries. ``validate`` checks the indices
+    (sorted, unique, in range; a host sync): pass False only for indices already checked.
+    """
+    _check_tensor("x", x)
+    _check_mask(("weight", "index", "values"), weight, index, values)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {weight.shape[1]}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    if (bias_index is None) != (bias_values is None):
+        raise ValueError("pass both bias_index and bias_values, or neither")
+    if bias_values is not None:
+        if bias is None:
+            raise ValueError("bias_values given for a layer without bias")
+        _check_mask(("bias", "bias_index", "bias_values"), bias, bias_index, bias_values)
+    if validate:
+        check_mask_index("index", index, weight.numel())
+        if bias_index is not None:
+            check_mask_index("bias_index", bias_index, bias.numel())
+    backend = select("sddmm", values.device, values.dtype)
+    if not hasattr(backend, "sddmm"):
+        raise BackendUnavailable(f"backend {backend.__name__} has no sddmm kernel; use another DPKERNELS_BACKEND")
+    return FixedMaskLinearFunction.apply(x, weight, bias, values, index, bias_values, bias_index, _compute_dtype(x),
+                                         backend)

@@ -306,3 +306,37 @@ def diff_linear_backward(grad_y, x, weight, diff, log_alpha, bias_diff=None, bia
     if bias_diff is not None:
         grad_bd, grad_bla = gate_backward(gy.sum(0), bias_diff, bias_log_alpha, seed, weight.numel(), **route)
     return grad_x, grad_diff, grad_la, grad_bd, grad_bla
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-mask stage: the delta lives only at sorted flat indices (after projection)
+# --------------------------------------------------------------------------------------------
+
+
+def masked_weight(theta0: torch.Tensor, index: torch.Tensor, values: torch.Tensor, out_dtype=None):
+    """theta0 with theta0[index] + values at the masked entries, in out_dtype (default theta0's).
+
+    The masked entries are formed in values' precision and rounded once to out_dtype.
+    """
+    out_dtype = out_dtype or theta0.dtype
+    flat = theta0.reshape(-1)
+    out = flat.to(out_dtype, copy=True)
+    out[index] = (flat[index].to(values.dtype) + values).to(out_dtype)
+    return out.reshape(theta0.shape)
+
+
+def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_features: int,
+          chunk: int = 1 << 16) -> torch.Tensor:
+    """The weight gradient dY^T X sampled at flat indices (row = i // K, col = i % K).
+
+        out[j] = sum_m grad_y[m, row_j] * x[m, col_j]        grad_y: (M, N), x: (M, K)
+
+    Accumulates in fp32 (fp64 for fp64 inputs); chunked over entries to bound the M x chunk temporaries.
+    """
+    acc_dtype = torch.float64 if torch.float64 in (grad_y.dtype, x.dtype) else torch.float32
+    out = torch.empty(index.numel(), dtype=acc_dtype, device=index.device)
+    for start in range(0, index.numel(), chunk):
+        idx = index[start : start + chunk]
+        rows, cols = idx // in_features, idx % in_features
+        out[start : start + chunk] = (grad_y[:, rows].to(acc_dtype) * x[:, cols].to(acc_dtype)).sum(0)
+    return out
