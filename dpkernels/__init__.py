@@ -9,9 +9,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .backends import BackendUnavailable
-from .nn import DiffLinear
+from .nn import DiffLinear, GatedParameter
 from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
-from .prune import project
+from .prune import clip_grad_norms, diff_prune, l0_penalty, optimizer_groups, project
 
 try:
     __version__ = version("dpkernels")
@@ -21,12 +21,17 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "BackendUnavailable",
     "DiffLinear",
+    "GatedParameter",
+    "clip_grad_norms",
+    "diff_prune",
     "diff_linear",
     "eval_gates",
     "expected_l0",
     "fixed_mask_linear",
     "gate_apply",
     "info",
+    "l0_penalty",
+    "optimizer_groups",
     "project",
     "sample_gates",
 ]

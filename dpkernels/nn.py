@@ -1,4 +1,14 @@
-"""Modules: DiffLinear, a drop-in nn.Linear with a frozen base and a hard-concrete-gated diff."""
+"""Modules: DiffLinear (a drop-in nn.Linear) and GatedParameter (a gated diff for any parameter).
+
+Both hold, per frozen base tensor with prefix p ("" for weight, "bias_" for bias):
+
+    L0 stage          p+diff, p+log_alpha (dense, fp32), p+group_log_alpha ((1,), structured only)
+    fixed-mask stage  p+diff_index (sorted unique flat indices, int64 buffer), p+diff_values (fp32)
+
+Structured diff pruning (Guo et al. 2021, section 3.2) adds a group gate z_g per tensor: the
+effective gate is z_i z_g and the penalty sum_g p_g sum_{i in g} p_i. The group gate's draw is
+(seed, numel of all the module's gated tensors + group number), after the elementwise draws.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +18,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, reference
 
-_GATE_DEFAULTS = dict(l=-1.5, r=1.5, beta=1.0, alpha_init=5.0, l0_lambda=0.0)
+_GATE_DEFAULTS = dict(l=-1.5, r=1.5, beta=1.0, alpha_init=5.0, l0_lambda=0.0, structured=False)
 
 
 @dataclass
 class GatedTensor:
     """One frozen base tensor of a module and its trainable diff, in either training stage.
 
-    L0 stage: ``diff`` and ``log_alpha`` (dense, the base's shape); the eval-mode delta is
-    ``eval_gates(log_alpha) * diff``. Fixed-mask stage (after ``dpkernels.project``): ``index``
-    (sorted, unique flat indices into the base, int64 buffer) and ``values`` (the trainable delta
-    at those entries, fp32). ``name`` is the base's attribute name on its module ("weight", "bias").
+    L0 stage: ``diff``, ``log_alpha`` (and ``group_log_alpha`` when structured); the eval-mode
+    delta is ``z_eval_g * eval_gates(log_alpha) * diff``. Fixed-mask stage (after
+    ``dpkernels.project``): ``index`` (sorted, unique flat indices into the base, int64) and
+    ``values`` (the trainable delta there, fp32). ``name`` is the base's parameter name on its
+    module ("weight", "bias").
     """
 
     name: str
@@ -29,54 +40,150 @@ class GatedTensor:
     log_alpha: torch.Tensor | None = None
     index: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    group_log_alpha: torch.Tensor | None = None
+    l: float = -1.5
+    r: float = 1.5
+    beta: float = 1.0
 
     @property
     def fixed_mask(self) -> bool:
         return self.index is not None
 
-    def eval_delta(self, l: float = -1.5, r: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+    def trainable(self) -> list[torch.Tensor]:
+        return [t for t in (self.diff, self.log_alpha, self.group_log_alpha, self.values) if t is not None]
+
+    def eval_dense_delta(self) -> torch.Tensor:
+        """z_eval_g * z_eval * diff (L0 stage), the base's shape, no grad."""
+        with torch.no_grad():
+            delta = ops.eval_gates(self.log_alpha, l=self.l, r=self.r) * self.diff
+            if self.group_log_alpha is not None:
+                delta = delta * ops.eval_gates(self.group_log_alpha, l=self.l, r=self.r)
+            return delta
+
+    def eval_delta(self, l: float | None = None, r: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat indices, fp32 values) of the eval-mode delta's nonzero entries."""
+        if l is not None and (l, r) != (self.l, self.r):
+            raise ValueError(f"gate constants ({l}, {r}) differ from this tensor's ({self.l}, {self.r})")
         with torch.no_grad():
             if self.fixed_mask:
                 keep = self.values != 0
                 return self.index[keep], self.values[keep].float()
-            delta = (ops.eval_gates(self.log_alpha, l=l, r=r) * self.diff).reshape(-1)
+            delta = self.eval_dense_delta().reshape(-1)
             index = delta.nonzero().reshape(-1)
             return index, delta[index].float()
 
+    def expected_l0(self) -> torch.Tensor:
+        """sum_i p_i (times p_g when structured); the mask size in the fixed-mask stage."""
+        if self.fixed_mask:
+            return torch.tensor(float(self.index.numel()), device=self.index.device)
+        total = ops.expected_l0(self.log_alpha, l=self.l, r=self.r, beta=self.beta)
+        if self.group_log_alpha is not None:
+            total = total * ops.expected_l0(self.group_log_alpha, l=self.l, r=self.r, beta=self.beta)
+        return total
 
-class DiffLinear(nn.Module):
-    """y = x (weight + z * diff)^T + (bias + z_b * bias_diff); weight and bias frozen.
 
-    Parameters (state_dict keys): ``weight`` and ``bias`` as in nn.Linear (frozen, requires_grad
-    False) so a pretrained nn.Linear checkpoint loads into it, plus trainable ``diff``,
-    ``log_alpha``, ``bias_diff``, ``bias_log_alpha`` (float32; float64 when the base is float64).
-    A state_dict holding none of the four gate keys (an nn.Linear checkpoint) loads the base
-    and leaves the gates as they are, even with strict=True.
+class _GatedModule(nn.Module):
+    """Shared machinery: gate configuration, parameter creation, seeds, stage change."""
 
-    In training mode every forward draws a fresh seed from torch's default CPU generator (so
-    ``torch.manual_seed`` makes runs reproducible; ``last_seed`` holds it for replay with
-    ``dpkernels.sample_gates``); in eval mode the gates are the deterministic z_eval.
-    ``l0_lambda > 0`` fuses l0_lambda * dE[L0]/dlog_alpha into every backward (then do not also
-    add ``l0_lambda * layer.expected_l0()`` to the loss).
-    """
-
-    _GATE_NAMES = ("diff", "log_alpha", "bias_diff", "bias_log_alpha")
-    _FIXED_NAMES = ("diff_index", "diff_values", "bias_diff_index", "bias_diff_values")
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, l: float = -1.5,
-                 r: float = 1.5, beta: float = 1.0, alpha_init: float = 5.0, l0_lambda: float = 0.0,
-                 device=None, dtype=None):
-        super().__init__()
+    def _configure(self, l, r, beta, alpha_init, l0_lambda, structured) -> None:
         ops.check_gate_config(l, r, beta)
         if not math.isfinite(alpha_init):
             raise ValueError(f"alpha_init must be finite, got {alpha_init}")
         if not (math.isfinite(l0_lambda) and l0_lambda >= 0):
             raise ValueError(f"l0_lambda must be finite and >= 0, got {l0_lambda}")
-        self.in_features, self.out_features = in_features, out_features
+        if structured and l0_lambda:
+            raise ValueError("the fused l0_lambda gradient covers unstructured gates only; with structured=True "
+                             "add dpkernels.l0_penalty(model) to the loss instead")
         self.l, self.r, self.beta = float(l), float(r), float(beta)
-        self.alpha_init, self.l0_lambda = float(alpha_init), float(l0_lambda)
+        self.alpha_init, self.l0_lambda, self.structured = float(alpha_init), float(l0_lambda), bool(structured)
         self.last_seed: int | None = None
+
+    def _make_gates(self, prefix: str, theta0: torch.Tensor | None) -> None:
+        """(Re)create diff = 0, log_alpha = alpha_init (and the group gate) for one base tensor."""
+        names = (prefix + "diff", prefix + "log_alpha", prefix + "group_log_alpha")
+        if theta0 is None:
+            for name in names:
+                self.register_parameter(name, None)
+        else:
+            like = dict(dtype=torch.float64 if theta0.dtype == torch.float64 else torch.float32, device=theta0.device)
+            setattr(self, names[0], nn.Parameter(torch.zeros(theta0.shape, **like)))
+            setattr(self, names[1], nn.Parameter(torch.full(theta0.shape, self.alpha_init, **like)))
+            group = nn.Parameter(torch.full((1,), self.alpha_init, **like)) if self.structured else None
+            self.register_parameter(names[2], group)
+        # Fixed-mask stage, set by to_fixed_mask.
+        self.register_buffer(prefix + "diff_index", None)
+        self.register_parameter(prefix + "diff_values", None)
+
+    def _gated(self, name: str, prefix: str, theta0: torch.Tensor | None) -> GatedTensor | None:
+        diff, index = getattr(self, prefix + "diff"), getattr(self, prefix + "diff_index")
+        if theta0 is None or (diff is None and index is None):
+            return None
+        return GatedTensor(name, theta0, diff, getattr(self, prefix + "log_alpha"), index,
+                           getattr(self, prefix + "diff_values"), getattr(self, prefix + "group_log_alpha"),
+                           self.l, self.r, self.beta)
+
+    def _next_seed(self) -> int | None:
+        """A fresh seed per training forward from torch's default CPU generator (no device sync)."""
+        if not self.training:
+            return None
+        self.last_seed = int(torch.randint(0, (1 << 63) - 1, ()).item())
+        return self.last_seed
+
+    def _scaled_diff(self, gt: GatedTensor, seed: int | None, group: int, n_elements: int) -> torch.Tensor:
+        """diff, times the group gate z_g when structured (draw (seed, n_elements + group))."""
+        if gt.group_log_alpha is None:
+            return gt.diff
+        z_g = reference.group_gate(gt.group_log_alpha, seed, n_elements + group, training=self.training,
+                                   l=self.l, r=self.r, beta=self.beta)
+        return gt.diff * z_g.to(gt.diff.dtype)
+
+    @torch.no_grad()
+    def _enter_fixed_stage(self, prefix: str, gt: GatedTensor, index) -> None:
+        """Keep the eval-mode delta at ``index`` as trainable values; drop the gates."""
+        index = torch.as_tensor([] if index is None else index, dtype=torch.int64, device=gt.diff.device)
+        index = index.reshape(-1)
+        ops.check_mask_index(prefix + "index", index, gt.diff.numel())
+        values = gt.eval_dense_delta().reshape(-1)[index]
+        for name in ("diff", "log_alpha", "group_log_alpha"):
+            self.register_parameter(prefix + name, None)
+        self.register_buffer(prefix + "diff_index", index)
+        self.register_parameter(prefix + "diff_values", nn.Parameter(values))
+
+    def expected_l0(self) -> torch.Tensor:
+        """E[L0] of this module's gates, differentiable (the paper's product form when structured);
+        in the fixed-mask stage the (constant) number of mask entries."""
+        terms = [gt.expected_l0() for gt in self.gated_tensors()]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class DiffLinear(_GatedModule):
+    """y = x (weight + z * diff)^T + (bias + z_b * bias_diff); weight and bias frozen.
+
+    Parameters (state_dict keys): ``weight`` and ``bias`` as in nn.Linear (frozen, requires_grad
+    False) so a pretrained nn.Linear checkpoint loads into it, plus trainable ``diff``,
+    ``log_alpha``, ``bias_diff``, ``bias_log_alpha`` (float32; float64 when the base is float64)
+    and, when ``structured``, ``group_log_alpha``/``bias_group_log_alpha``. A state_dict holding
+    none of the gate keys (an nn.Linear checkpoint) loads the base and leaves the gates as they
+    are, even with strict=True.
+
+    In training mode every forward draws a fresh seed from torch's default CPU generator (so
+    ``torch.manual_seed`` makes runs reproducible; ``last_seed`` holds it for replay with
+    ``dpkernels.sample_gates``); in eval mode the gates are the deterministic z_eval.
+    ``l0_lambda > 0`` fuses l0_lambda * dE[L0]/dlog_alpha into every backward (then do not also
+    add ``l0_lambda * layer.expected_l0()`` to the loss). After ``dpkernels.project`` the layer
+    trains ``diff_values`` at fixed indices (``fixed_mask``), with the weight gradient computed
+    only there.
+    """
+
+    _GATE_NAMES = ("diff", "log_alpha", "group_log_alpha", "bias_diff", "bias_log_alpha", "bias_group_log_alpha")
+    _FIXED_NAMES = ("diff_index", "diff_values", "bias_diff_index", "bias_diff_values")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, l: float = -1.5,
+                 r: float = 1.5, beta: float = 1.0, alpha_init: float = 5.0, l0_lambda: float = 0.0,
+                 structured: bool = False, device=None, dtype=None):
+        super().__init__()
+        self._configure(l, r, beta, alpha_init, l0_lambda, structured)
+        self.in_features, self.out_features = in_features, out_features
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory), requires_grad=False)
         if bias:
@@ -84,36 +191,19 @@ class DiffLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._init_gates()
-        # Fixed-mask stage (set by dpkernels.project): sorted flat indices and trainable values.
-        for prefix in ("", "bias_"):
-            self.register_buffer(prefix + "diff_index", None)
-            self.register_parameter(prefix + "diff_values", None)
         self.reset_parameters()
 
     def _init_gates(self) -> None:
-        """(Re)create diff = 0 and log_alpha = alpha_init beside the current base tensors."""
-        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        for base, diff_name, la_name in (("weight", "diff", "log_alpha"), ("bias", "bias_diff", "bias_log_alpha")):
-            theta0 = getattr(self, base)
-            if theta0 is None:
-                self.register_parameter(diff_name, None)
-                self.register_parameter(la_name, None)
-                continue
-            like = dict(dtype=dtype, device=theta0.device)
-            setattr(self, diff_name, nn.Parameter(torch.zeros(theta0.shape, **like)))
-            setattr(self, la_name, nn.Parameter(torch.full(theta0.shape, self.alpha_init, **like)))
+        self._make_gates("", self.weight)
+        self._make_gates("bias_", self.bias)
 
     def reset_parameters(self) -> None:
-        """nn.Linear's initialisation for the base; diff = 0, log_alpha = alpha_init."""
+        """nn.Linear's initialisation for the base; fresh gates (diff = 0, log_alpha = alpha_init)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
-        with torch.no_grad():
-            for name in self._GATE_NAMES:
-                p = getattr(self, name)
-                if p is not None:
-                    p.fill_(self.alpha_init if name.endswith("log_alpha") else 0.0)
+        self._init_gates()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **gate_kwargs) -> DiffLinear:
@@ -131,31 +221,32 @@ class DiffLinear(nn.Module):
         layer._init_gates()
         return layer.train(linear.training)
 
+    def gated_tensors(self) -> list[GatedTensor]:
+        """The gated base tensors (weight, and bias when it has gates) with their diff state."""
+        found = (self._gated("weight", "", self.weight), self._gated("bias", "bias_", self.bias))
+        return [gt for gt in found if gt is not None]
+
     @property
     def fixed_mask(self) -> bool:
         """True after projection: the delta lives at fixed indices and there are no gates."""
         return self.diff_index is not None
 
-    @torch.no_grad()
     def to_fixed_mask(self, index: torch.Tensor, bias_index: torch.Tensor | None = None) -> None:
-        """Enter the fixed-mask stage: keep the eval-mode delta z_eval * diff at ``index`` (sorted
-        unique flat indices into weight; ``bias_index`` likewise, None keeps no bias entry) as the
-        trainable ``diff_values``; drop ``diff``/``log_alpha``. Build the optimizer afterwards."""
+        """Enter the fixed-mask stage: keep the eval-mode delta at ``index`` (sorted unique flat
+        indices into weight; ``bias_index`` likewise, None keeps no bias entry) as the trainable
+        ``diff_values``; drop the gates. Build the optimizer afterwards."""
         if self.fixed_mask:
             raise ValueError("this DiffLinear is already in the fixed-mask stage")
         gated = self.gated_tensors()
         if bias_index is not None and len(gated) < 2:
             raise ValueError("bias_index given for a layer without a gated bias")
         for gt, idx in zip(gated, (index, bias_index), strict=False):
-            prefix = "" if gt.name == "weight" else "bias_"
-            idx = torch.as_tensor([] if idx is None else idx, dtype=torch.int64, device=gt.theta0.device).reshape(-1)
-            ops.check_mask_index(prefix + "index", idx, gt.theta0.numel())
-            delta = (ops.eval_gates(gt.log_alpha, l=self.l, r=self.r) * gt.diff).reshape(-1)[idx]
-            self.register_parameter(prefix + "diff", None)
-            self.register_parameter(prefix + "log_alpha", None)
-            self.register_buffer(prefix + "diff_index", idx)
-            self.register_parameter(prefix + "diff_values", nn.Parameter(delta))
+            self._enter_fixed_stage("" if gt.name == "weight" else "bias_", gt, idx)
         self._checked_index = self._index_state()
+
+    def set_masks(self, indices: dict[str, torch.Tensor]) -> None:
+        """to_fixed_mask from {"weight": index, "bias": index} (what dpkernels.project passes)."""
+        self.to_fixed_mask(indices["weight"], indices.get("bias"))
 
     def _index_state(self):
         return tuple((t.data_ptr(), t._version, t.numel()) for t in (self.diff_index, self.bias_diff_index)
@@ -170,53 +261,25 @@ class DiffLinear(nn.Module):
                 self._checked_index = self._index_state()
             return ops.fixed_mask_linear(x, self.weight, self.bias, self.diff_index, self.diff_values,
                                          self.bias_diff_index, self.bias_diff_values, validate=False)
-        seed = None
-        if self.training:
-            seed = int(torch.randint(0, (1 << 63) - 1, ()).item())  # CPU generator: no device sync
-            self.last_seed = seed
-        return ops.diff_linear(x, self.weight, self.bias, self.diff, self.log_alpha, self.bias_diff,
-                               self.bias_log_alpha, seed=seed, training=self.training, l=self.l, r=self.r,
-                               beta=self.beta, l0_lambda=self.l0_lambda)
-
-    def gated_tensors(self) -> list[GatedTensor]:
-        """The gated base tensors (weight, and bias when it has gates) with their diff state."""
-        out = []
-        for base, prefix in (("weight", ""), ("bias", "bias_")):
-            theta0 = getattr(self, base)
-            diff, index = getattr(self, prefix + "diff"), getattr(self, prefix + "diff_index")
-            if theta0 is None or (diff is None and index is None):
-                continue
-            out.append(GatedTensor(base, theta0, diff, getattr(self, prefix + "log_alpha"), index,
-                                   getattr(self, prefix + "diff_values")))
-        return out
-
-    def expected_l0(self) -> torch.Tensor:
-        """E[L0] of all this layer's gates (weight and bias), differentiable; in the fixed-mask
-        stage the (constant) number of mask entries."""
-        if self.fixed_mask:
-            return torch.tensor(float(sum(gt.index.numel() for gt in self.gated_tensors())))
-        cfg = dict(l=self.l, r=self.r, beta=self.beta)
-        total = ops.expected_l0(self.log_alpha, **cfg)
-        if self.bias_log_alpha is not None:
-            total = total + ops.expected_l0(self.bias_log_alpha, **cfg)
-        return total
+        seed = self._next_seed()
+        gated = self.gated_tensors()
+        n_elements = sum(gt.theta0.numel() for gt in gated)
+        diffs = [self._scaled_diff(gt, seed, g, n_elements) for g, gt in enumerate(gated)]
+        bias_diff = diffs[1] if len(diffs) > 1 else None
+        return ops.diff_linear(x, self.weight, self.bias, diffs[0], self.log_alpha, bias_diff, self.bias_log_alpha,
+                               seed=seed, training=self.training, l=self.l, r=self.r, beta=self.beta,
+                               l0_lambda=self.l0_lambda)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """An nn.Linear holding the eval-mode effective weights (base dtype), for merged inference."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device="meta", dtype=self.weight.dtype)
-        merged = {gt.name: self._merged(gt) for gt in self.gated_tensors()}
+        merged = {gt.name: _merged(gt) for gt in self.gated_tensors()}
         linear.weight = nn.Parameter(merged["weight"])
         if self.bias is not None:
             linear.bias = nn.Parameter(merged.get("bias", self.bias.clone()))
         return linear
-
-    def _merged(self, gt: GatedTensor) -> torch.Tensor:
-        """theta0 + eval-mode delta, in the base dtype."""
-        if gt.fixed_mask:
-            return ops.reference.masked_weight(gt.theta0, gt.index, gt.values)
-        return ops.gate_apply(gt.theta0, gt.diff, gt.log_alpha, training=False, l=self.l, r=self.r)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -231,22 +294,111 @@ class DiffLinear(nn.Module):
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, l={self.l}, r={self.r}, beta={self.beta}, "
-                f"alpha_init={self.alpha_init}, l0_lambda={self.l0_lambda}")
+                f"alpha_init={self.alpha_init}, l0_lambda={self.l0_lambda}, structured={self.structured}")
         if self.fixed_mask:
             text += f", fixed_mask=True, nnz={sum(gt.index.numel() for gt in self.gated_tensors())}"
         return text
 
 
+def _merged(gt: GatedTensor) -> torch.Tensor:
+    """theta0 + eval-mode delta, formed in the diff's precision and rounded once to the base dtype."""
+    if gt.fixed_mask:
+        return reference.masked_weight(gt.theta0, gt.index, gt.values)
+    delta = gt.eval_dense_delta()
+    return (gt.theta0.to(delta.dtype) + delta).to(gt.theta0.dtype)
+
+
+class GatedParameter(_GatedModule):
+    """A parametrization (torch.nn.utils.parametrize) that gates any parameter of any module.
+
+    ``module.<name>`` becomes theta0 + z * diff (L0 stage) or theta0 + scatter(index, values)
+    (fixed-mask stage), recomputed at each access; theta0 (the parametrization's ``original``)
+    is frozen. The seed is drawn at the start of each forward of the owning module (a forward
+    pre-hook installed by :func:`gate_parameter`), so every access inside one forward sees the
+    same gates. A fused ``l0_lambda`` gradient is added once per access's backward.
+    """
+
+    def __init__(self, theta0: torch.Tensor, *, l=-1.5, r=1.5, beta=1.0, alpha_init=5.0, l0_lambda=0.0,
+                 structured=False):
+        super().__init__()
+        self._configure(l, r, beta, alpha_init, l0_lambda, structured)
+        self.numel = theta0.numel()
+        self._make_gates("", theta0)
+        self.seed: int | None = None
+
+    def gated_tensor(self, name: str, theta0: torch.Tensor) -> GatedTensor:
+        return self._gated(name, "", theta0)
+
+    @property
+    def fixed_mask(self) -> bool:
+        return self.diff_index is not None
+
+    def draw_seed(self) -> None:
+        self.seed = self._next_seed()
+
+    def set_masks(self, indices: dict[str, torch.Tensor]) -> None:
+        """Enter the fixed-mask stage with the one index tensor given (see DiffLinear.to_fixed_mask)."""
+        if self.fixed_mask:
+            raise ValueError("this GatedParameter is already in the fixed-mask stage")
+        (index,) = indices.values()
+        # theta0 lives in the parametrization list, not here; the diff has its shape and device.
+        self._enter_fixed_stage("", self._gated("", "", self.diff), index)
+
+    def forward(self, theta0: torch.Tensor) -> torch.Tensor:
+        if self.fixed_mask:
+            flat = theta0.reshape(-1).to(self.diff_values.dtype).index_add(0, self.diff_index, self.diff_values)
+            return flat.to(theta0.dtype).view(theta0.shape)
+        if self.training and self.seed is None:
+            self.draw_seed()
+        gt = self._gated("", "", theta0)
+        diff = self._scaled_diff(gt, self.seed, 0, self.numel)
+        return ops.gate_apply(theta0, diff, self.log_alpha, seed=self.seed, training=self.training, l=self.l,
+                              r=self.r, beta=self.beta, l0_lambda=self.l0_lambda)
+
+    def extra_repr(self) -> str:
+        return (f"numel={self.numel}, l={self.l}, r={self.r}, beta={self.beta}, structured={self.structured}"
+                + (f", fixed_mask=True, nnz={self.diff_index.numel()}" if self.fixed_mask else ""))
+
+
+def gate_parameter(module: nn.Module, name: str, **gate_kwargs) -> GatedParameter:
+    """Gate ``module.<name>`` (any parameter) with a GatedParameter parametrization."""
+    from torch.nn.utils import parametrize
+
+    theta0 = getattr(module, name)
+    if not isinstance(theta0, nn.Parameter):
+        raise TypeError(f"{type(module).__name__}.{name} is not a parameter")
+    gate = GatedParameter(theta0.detach(), **gate_kwargs)
+    theta0.requires_grad_(False)
+    parametrize.register_parametrization(module, name, gate, unsafe=True)
+    if not getattr(module, "_dpkernels_seed_hook", False):
+        module.register_forward_pre_hook(_draw_gate_seeds)
+        module._dpkernels_seed_hook = True
+    return gate
+
+
+def _draw_gate_seeds(module: nn.Module, _inputs) -> None:
+    for plist in module.parametrizations.values():
+        for p in plist:
+            if isinstance(p, GatedParameter) and p.training:
+                p.draw_seed()
+
+
 def iter_gated(model: nn.Module):
-    """(full base-parameter name, module, GatedTensor) for every gated tensor of the model, in
-    module order; modules take part by having a ``gated_tensors()`` method."""
+    """(full base-parameter name, module owning the gates, GatedTensor) for every gated tensor of the
+    model, in module order. DiffLinear-like modules take part through ``gated_tensors()``;
+    parametrized parameters through their GatedParameter (named after the parameter itself)."""
     for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
         if callable(getattr(module, "gated_tensors", None)):
             for gt in module.gated_tensors():
-                yield (f"{path}.{gt.name}" if path else gt.name), module, gt
+                yield prefix + gt.name, module, gt
+        for pname, plist in getattr(module, "parametrizations", {}).items():
+            for p in plist:
+                if isinstance(p, GatedParameter):
+                    yield prefix + pname, p, p.gated_tensor(pname, plist.original)
 
 
 def dense_task_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters that are not part of a gated diff (e.g. a new classifier head)."""
-    gate_ids = {id(t) for _, _, gt in iter_gated(model) for t in (gt.diff, gt.log_alpha, gt.values) if t is not None}
+    gate_ids = {id(t) for _, _, gt in iter_gated(model) for t in gt.trainable()}
     return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in gate_ids}

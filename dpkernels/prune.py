@@ -1,4 +1,9 @@
-"""Model-level diff pruning: magnitude projection to a target sparsity (then fixed-mask finetuning).
+"""Model-level diff pruning: gate a model, the L0 penalty, optimizer groups, projection.
+
+``diff_prune(model)`` gates every pretrained parameter in place: each plain nn.Linear becomes a
+DiffLinear; every other parameter (embeddings, LayerNorm, Linear subclasses whose weights other
+code reads directly, ...) gets a GatedParameter parametrization, so the model runs its own
+forward unchanged. Parameters matching ``dense`` (the new task head) stay dense and trainable.
 
 Projection (Guo et al. 2021, section 3.3): after L0 training keep the k = round(sparsity * N)
 entries with the largest |z_eval * w| over all gated tensors of the model (scope="global", the
@@ -8,19 +13,21 @@ zero and every layer enters the fixed-mask stage (DiffLinear.to_fixed_mask).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from .nn import iter_gated
-from .ops import eval_gates
+from .nn import DiffLinear, GatedParameter, dense_task_parameters, gate_parameter, iter_gated
 
 _INF_BITS = 0x7F800000  # float32 +inf: every finite magnitude's bit pattern is below it
 
 
-def _magnitude_bits(module, gt) -> torch.Tensor:
+def _magnitude_bits(gt) -> torch.Tensor:
     """|z_eval * w| of one gated tensor as int32 bit patterns (monotone in the value for x >= 0)."""
     with torch.no_grad():
-        mag = (eval_gates(gt.log_alpha, l=module.l, r=module.r) * gt.diff).abs().float().reshape(-1)
+        mag = gt.eval_dense_delta().abs().float().reshape(-1)
     if not bool(torch.isfinite(mag).all()):
         raise ValueError("the diff holds NaN or infinite values; cannot project")
     return mag.view(torch.int32)
@@ -78,7 +85,7 @@ def project(model: nn.Module, sparsity: float, *, scope: str = "global") -> int:
     for name, _, gt in gated:
         if gt.fixed_mask:
             raise ValueError(f"{name} is already projected (fixed-mask stage)")
-    fns = [lambda module=module, gt=gt: _magnitude_bits(module, gt) for _, module, gt in gated]
+    fns = [lambda gt=gt: _magnitude_bits(gt) for _, _, gt in gated]
     sizes = [gt.theta0.numel() for _, _, gt in gated]
     if scope == "global":
         kept = top_k_indices(fns, sizes, round(sparsity * sum(sizes)))
@@ -88,5 +95,107 @@ def project(model: nn.Module, sparsity: float, *, scope: str = "global") -> int:
     for (_, module, gt), index in zip(gated, kept, strict=True):
         per_module.setdefault(id(module), (module, {}))[1][gt.name] = index
     for module, indices in per_module.values():
-        module.to_fixed_mask(indices["weight"], indices.get("bias"))
+        module.set_masks(indices)
     return sum(index.numel() for index in kept)
+
+
+def _patterns(value) -> list[re.Pattern]:
+    if value is None:
+        return []
+    return [re.compile(p) for p in ([value] if isinstance(value, str) else value)]
+
+
+def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float = 1.0, alpha_init: float = 5.0,
+               l0_lambda: float = 0.0, structured: bool = False, include=None, exclude=None,
+               dense=("classifier", "score")) -> nn.Module:
+    """Gate every pretrained parameter of ``model`` in place and return it.
+
+    A parameter (by its full name, ``re.search``) is gated when it matches ``include`` (default:
+    all) and neither ``exclude`` (those are frozen and left as they are) nor ``dense`` (new task
+    parameters, e.g. the classifier head: they stay trainable and ungated). Gate options as in
+    DiffLinear; ``structured`` adds one group gate per tensor (the paper's structured variant).
+    """
+    gate_kwargs = dict(l=l, r=r, beta=beta, alpha_init=alpha_init, l0_lambda=l0_lambda, structured=structured)
+    include, exclude, dense = _patterns(include), _patterns(exclude), _patterns(dense)
+
+    def role(name: str) -> str:
+        if any(p.search(name) for p in dense):
+            return "dense"
+        if any(p.search(name) for p in exclude) or (include and not any(p.search(name) for p in include)):
+            return "frozen"
+        return "gated"
+
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        raise ValueError(f"tied (shared) parameters are not supported: {tied[0]}; untie them or exclude them")
+
+    for path, module in list(model.named_modules()):
+        prefix = f"{path}." if path else ""
+        if isinstance(module, DiffLinear) or _has_gated_parameter(module):
+            continue  # already diff-pruned
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None]
+        roles = {n: role(prefix + n) for n, _ in params}
+        if type(module) is nn.Linear and params and all(v == "gated" for v in roles.values()):
+            _replace(model, path, DiffLinear.from_linear(module, **gate_kwargs))
+            continue
+        for n, p in params:
+            if roles[n] == "gated":
+                gate_parameter(module, n, **gate_kwargs)
+            elif roles[n] == "frozen":
+                p.requires_grad_(False)
+            else:
+                p.requires_grad_(True)
+    return model
+
+
+def _has_gated_parameter(module: nn.Module) -> bool:
+    return any(isinstance(p, GatedParameter) for plist in getattr(module, "parametrizations", {}).values()
+               for p in plist)
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    if not path:
+        raise ValueError("diff_prune cannot replace the root module itself; wrap it in a container")
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+def l0_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of E[L0] over every gated tensor of the model (product form when structured), differentiable."""
+    terms = [gt.expected_l0() for _, _, gt in iter_gated(model)]
+    if not terms:
+        raise ValueError("the model has no gated tensors")
+    return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: float = 0.1,
+                     dense_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+    """Parameter groups for torch.optim (e.g. AdamW): "diff" (diff / fixed-mask values),
+    "log_alpha" (elementwise and group gates, no weight decay) and "dense" (task head).
+
+    Defaults follow the reference implementations of the paper's code: a separate optimizer
+    state for log_alpha with learning rate 0.1 and w at 1e-3 (the paper's text gives only
+    the penalty and the projection; it does not list these), and the gradient norms of w and
+    log_alpha clipped separately (:func:`clip_grad_norms`). Empty groups are left out.
+    """
+    diff, gates = [], []
+    for _, _, gt in iter_gated(model):
+        diff += [t for t in (gt.diff, gt.values) if t is not None]
+        gates += [t for t in (gt.log_alpha, gt.group_log_alpha) if t is not None]
+    groups = [
+        dict(name="diff", params=diff, lr=diff_lr, weight_decay=weight_decay),
+        dict(name="log_alpha", params=gates, lr=log_alpha_lr, weight_decay=0.0),
+        dict(name="dense", params=list(dense_task_parameters(model).values()), lr=dense_lr or diff_lr,
+             weight_decay=weight_decay),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def clip_grad_norms(groups: Iterable[dict], max_norm: float) -> dict[str, float]:
+    """Clip each parameter group's gradient norm separately (the paper's code clips w and
+    log_alpha apart, so the large log_alpha gradients do not swamp the diff's); returns the norms."""
+    return {g.get("name", str(i)): float(torch.nn.utils.clip_grad_norm_(g["params"], max_norm))
+            for i, g in enumerate(groups)}

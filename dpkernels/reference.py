@@ -150,6 +150,18 @@ def philox_uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
     return out.reshape(offsets.shape)
 
 
+def group_gate(group_log_alpha: torch.Tensor, seed, offset: int, *, training=True, l=-1.5, r=1.5, beta=1.0):
+    """A group gate z_g (structured diff pruning), differentiable w.r.t. its log_alpha.
+
+    The draw (seed, offset) comes from the Philox emulation on the CPU (one element, no device
+    work), the gate math runs where group_log_alpha lives.
+    """
+    if not training:
+        return eval_gates(group_log_alpha, l=l, r=r)
+    u = uniform(seed, group_log_alpha.numel(), offset).reshape(group_log_alpha.shape)
+    return hard_concrete(group_log_alpha, u.to(group_log_alpha.device), l=l, r=r, beta=beta)[0]
+
+
 def uniform(seed, numel: int, offset: int = 0, device=None) -> torch.Tensor:
     """The draws for flat element indices ``offset .. offset + numel - 1`` of one tensor."""
     offsets = torch.arange(numel, dtype=torch.int64, device=device) + int(offset)
