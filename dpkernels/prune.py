@@ -165,10 +165,22 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def l0_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of E[L0] over every gated tensor of the model (product form when structured), differentiable."""
-    terms = [gt.expected_l0() for _, _, gt in iter_gated(model)]
-    if not terms:
+    gated = [gt for _, _, gt in iter_gated(model)]
+    if not gated:
         raise ValueError("the model has no gated tensors")
+    if any(_is_sharded(t) for gt in gated for t in gt.trainable()):
+        raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
+                         "L0 gradient instead: diff_prune(model, l0_lambda=...)")
+    terms = [gt.expected_l0() for gt in gated]
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
 
 
 def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: float = 0.1,
