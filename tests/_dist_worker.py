@@ -8,7 +8,6 @@ from torch import nn
 
 import dpkernels
 
-
 L0_LAMBDA = 1e-3
 
 

@@ -2,11 +2,10 @@
 
 import socket
 
+import _dist_worker
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import _dist_worker
 
 
 def _free_port() -> int:
