@@ -1,0 +1,93 @@
+"""transformers.Trainer integration: the L0 penalty, the paper's optimizer groups, logging.
+
+    model = dpkernels.diff_prune(AutoModelForSequenceClassification.from_pretrained(...))
+    trainer = DiffPruningTrainer(model=model, args=args, train_dataset=..., l0_lambda=1.25e-7)
+    trainer.train()                       # L0 stage
+    dpkernels.project(model, 0.005)       # then fixed-mask finetuning with a fresh trainer
+    DiffPruningTrainer(model=model, args=args, train_dataset=...).train()
+
+The trainer adds ``l0_lambda * l0_penalty(model)`` to the loss while the model is in the L0 stage,
+builds AdamW over :func:`dpkernels.optimizer_groups` (diff, log_alpha at lr 0.1, dense head),
+clips each group's gradient norm separately to ``args.max_grad_norm`` (instead of Trainer's one
+global clip), and logs ``expected_l0`` and ``nonzero_fraction`` (the fraction of gated entries whose
+eval gate is nonzero, or the mask density after projection).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .nn import iter_gated
+from .ops import eval_gates
+from .prune import clip_grad_norms, l0_penalty, optimizer_groups
+
+
+def gate_statistics(model: torch.nn.Module) -> dict[str, float]:
+    """E[L0] and the fraction of gated entries that are nonzero in eval mode (no grad)."""
+    total = nonzero = 0
+    expected = 0.0
+    with torch.no_grad():
+        for _, _, gt in iter_gated(model):
+            total += gt.theta0.numel()
+            expected += float(gt.expected_l0())
+            if gt.fixed_mask:
+                nonzero += gt.index.numel()
+                continue
+            open_gates = eval_gates(gt.log_alpha, l=gt.l, r=gt.r) != 0
+            if gt.group_log_alpha is not None:
+                open_gates &= eval_gates(gt.group_log_alpha, l=gt.l, r=gt.r) != 0
+            nonzero += int(open_gates.sum())
+    return {"expected_l0": expected, "nonzero_fraction": nonzero / max(total, 1)}
+
+
+class DiffPruningCallback(TrainerCallback):
+    """Separate per-group gradient clipping before each optimizer step."""
+
+    def __init__(self, max_grad_norm: float):
+        self.max_grad_norm = max_grad_norm
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.max_grad_norm > 0 and optimizer is not None:
+            clip_grad_norms(optimizer.param_groups, self.max_grad_norm)
+
+
+
+class DiffPruningTrainer(Trainer):
+    """A Trainer for diff-pruned models (see the module docstring)."""
+
+    def __init__(self, *args, l0_lambda: float = 0.0, diff_lr: float | None = None, log_alpha_lr: float = 0.1,
+                 dense_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not list(iter_gated(self.model)):
+            raise ValueError("the model has no gated tensors; call dpkernels.diff_prune(model) first")
+        self.l0_lambda = float(l0_lambda)
+        self.group_lrs = dict(diff_lr=diff_lr or self.args.learning_rate, log_alpha_lr=log_alpha_lr,
+                              dense_lr=dense_lr)
+        # Per-group clipping replaces Trainer's global clip (which would mix w and log_alpha).
+        self.add_callback(DiffPruningCallback(self.args.max_grad_norm))
+        # A shallow copy: dataclasses.replace would rerun __post_init__ and reset accelerate's state,
+        # and the caller's TrainingArguments stay untouched.
+        self.args = copy.copy(self.args)
+        self.args.max_grad_norm = 0.0
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = optimizer_groups(self.model, weight_decay=self.args.weight_decay, **self.group_lrs)
+            self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # training logs carry the gate statistics too
+            logs = {**logs, **gate_statistics(self.model)}
+        super().log(logs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        in_l0_stage = any(not gt.fixed_mask for _, _, gt in iter_gated(self.model))
+        if self.l0_lambda and in_l0_stage and model.training:
+            loss = loss + self.l0_lambda * l0_penalty(self.model)
+        return (loss, outputs) if return_outputs else loss
