@@ -5,7 +5,9 @@ Providers:
     torch           dpkernels on its torch backend (reference gate math, eager)
     torch.compile   dpkernels.reference.diff_linear under torch.compile
     triton          dpkernels on its Triton backend (gate-apply kernel, cuBLAS, gate-backward kernel)
-Modes: forward, full (forward + backward, L0 gradient included).
+    fixed-mask      after projection to 0.5%: W = theta0 + scatter(values), weight gradient only at
+                    the mask (sddmm) -- the fixed-mask finetuning stage (Triton backend on CUDA)
+Modes: forward, full (forward + backward, L0 gradient included in the L0 stage).
 
     python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 512,8192] [--shapes 4096x11008]
 """
@@ -47,11 +49,22 @@ def _providers(k: int, n: int, device: str):
         return y, L0_LAMBDA * (reference.expected_l0(layer.log_alpha) + reference.expected_l0(layer.bias_log_alpha))
 
     compiled = torch.compile(reference_step)
+    fixed = dpkernels.DiffLinear.from_linear(linear)
+    with torch.no_grad():
+        fixed.diff.normal_(0, 0.01)
+    dpkernels.project(fixed, 0.005)
+    fixed_backend = "triton" if device == "cuda" else "torch"
+
+    def fixed_step(x):
+        os.environ["DPKERNELS_BACKEND"] = fixed_backend
+        return fixed(x), None
+
     return {
         "nn.Linear": (lambda x: (linear(x), None), list(linear.parameters())),
         "torch": (lambda x: (backend("torch")(x), None), gated),
         "torch.compile": (compiled, gated),
         "triton": (lambda x: (backend("triton")(x), None), gated),
+        "fixed-mask": (fixed_step, [fixed.diff_values, fixed.bias_diff_values]),
     }
 
 
@@ -100,7 +113,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device != "cuda":
         print("bench_diff_linear: no CUDA device; a CPU smoke run of nn.Linear and the torch backend only")
-    default = "nn.Linear,torch,torch.compile,triton" if args.device == "cuda" else "nn.Linear,torch"
+    default = "nn.Linear,torch,torch.compile,triton,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
