@@ -15,8 +15,22 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _cuda_ext_missing() -> str | None:
+    """Why the cuda backend (the compiled dpkernels._C) cannot load here, or None when it loads."""
+    from dpkernels import backends
+
+    try:
+        backends.load("cuda")
+    except backends.BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+CUDA_EXT_MISSING = _cuda_ext_missing()
+
 # (device, backend) pairs every backend-parametrized test runs on.
-_CASES = [("cpu", "torch"), ("cpu", "triton"), ("cuda", "torch"), ("cuda", "triton")]
+_CASES = [("cpu", "torch"), ("cpu", "triton"), ("cuda", "torch"), ("cuda", "triton"), ("cuda", "cuda")]
 
 
 def _case_marks(device: str, backend: str):
@@ -25,6 +39,8 @@ def _case_marks(device: str, backend: str):
         marks += [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
     if device == "cpu" and backend == "triton":
         marks.append(pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU needs TRITON_INTERPRET=1"))
+    if backend == "cuda":
+        marks.append(pytest.mark.skipif(CUDA_EXT_MISSING is not None, reason=f"{CUDA_EXT_MISSING}"))
     return marks
 
 

@@ -1,26 +1,66 @@
 """CUDA C++ backend: the compiled extension ``dpkernels._C`` (sources in csrc/).
 
-The extension is optional. Loading is attempted only when the cuda backend is asked for, and a
-missing or broken build raises an error that says how to build it.
+The extension is optional. It is imported only when the cuda backend is asked for (never when
+dpkernels is imported), and a missing or broken build raises an ImportError that says how to build
+it; the dispatcher turns that into BackendUnavailable and dpkernels.info() reports it.
+
+``gate_forward`` / ``gate_backward`` here have the signatures and return values of
+:mod:`dpkernels.reference`; like the Triton launchers they normalise the seed (any int in
+[-2**63, 2**64), read as unsigned 64 bits) and pass contiguous inputs. The math is the Triton
+kernel's (csrc/gates.cuh); the draws are tl.rand's bit for bit (csrc/philox.cuh).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
-_OPS = ("gate_forward", "gate_backward")
+from ..reference import normalize_seed
+
+# Backend primitives and the test hooks the tests rely on; a build lacking one is stale.
+_OPS = ("gate_forward", "gate_backward", "philox4x32", "philox_uniform", "hard_concrete_cpu")
+_ext = None
+
+
+def extension():
+    """dpkernels._C, imported once; ImportError with the build command when it is missing or stale."""
+    global _ext
+    if _ext is None:
+        try:
+            ext = importlib.import_module("dpkernels._C")
+        except ImportError as exc:
+            raise ImportError(
+                "the CUDA extension dpkernels._C is not built (reinstall with a CUDA toolkit and a CUDA "
+                "build of torch: DPKERNELS_BUILD_CUDA=1 pip install --no-build-isolation . , with -e when "
+                f"running from the source tree): {exc}"
+            ) from exc
+        missing = [op for op in _OPS if not hasattr(ext, op)]
+        if missing:
+            raise ImportError(f"dpkernels._C lacks the ops {missing}; rebuild the package")
+        _ext = ext
+    return _ext
 
 
 def load():
-    """Import dpkernels._C and check it offers every op this backend must provide."""
-    try:
-        ext = importlib.import_module("dpkernels._C")
-    except ImportError as exc:
-        raise ImportError(
-            "the CUDA extension dpkernels._C is not built (reinstall with a CUDA toolkit and a CUDA "
-            f"build of torch: DPKERNELS_BUILD_CUDA=1 pip install --no-build-isolation .): {exc}"
-        ) from exc
-    missing = [op for op in _OPS if not hasattr(ext, op)]
-    if missing:
-        raise ImportError(f"dpkernels._C lacks the ops {missing}; rebuild the package")
-    return ext
+    """This module, once the extension has loaded (the dispatcher's entry point)."""
+    extension()
+    return sys.modules[__name__]
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None):
+    """Gates z (fp32) when theta0 is None, else theta0 + z * diff rounded once to out_dtype."""
+    return extension().gate_forward(
+        log_alpha.contiguous(), normalize_seed(seed) if training else 0, int(offset), bool(training), float(l),
+        float(r), float(beta), _contiguous(theta0), _contiguous(diff), out_dtype)
+
+
+def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0,
+                  grad_diff=None, grad_log_alpha=None):
+    """(grad_diff, grad_log_alpha), written fresh or accumulated into the given buffers."""
+    return extension().gate_backward(
+        g.contiguous(), diff.contiguous(), log_alpha.contiguous(), normalize_seed(seed) if training else 0,
+        int(offset), bool(training), float(l), float(r), float(beta), float(l0_lambda), grad_diff, grad_log_alpha)
