@@ -9,9 +9,20 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tee "$OUT/install.log" || status=1
+# In place (-e): the tests import the source tree, so the CUDA extension must sit there too.
+DPKERNELS_BUILD_CUDA=1 DPKERNELS_CUDA_ARCHS=${DPKERNELS_CUDA_ARCHS:-90} \
+    python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tee "$OUT/install.log" || status=1
 python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -rs 2>&1 | tee "$OUT/tests.log" | tail -n 30 || status=1
+# The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$sanitizer" ]; then
+    "$sanitizer" --tool memcheck --error-exitcode 1 python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU \
+        2>&1 | tee "$OUT/sanitizer.log" | tail -n 15 || status=1
+else
+    echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
+fi
 python3 -m benchmarks.bench_gates --out "$OUT" || status=1
 python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
+python3 -m benchmarks.bench_switch --out "$OUT" || status=1
 exit $status

@@ -12,6 +12,7 @@ from .backends import BackendUnavailable
 from .nn import DiffLinear, GatedParameter
 from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
 from .prune import clip_grad_norms, diff_prune, l0_penalty, optimizer_groups, project
+from .sparse import SparseDiff, TaskSwitcher
 
 try:
     __version__ = version("dpkernels")
@@ -22,6 +23,8 @@ __all__ = [
     "BackendUnavailable",
     "DiffLinear",
     "GatedParameter",
+    "SparseDiff",
+    "TaskSwitcher",
     "clip_grad_norms",
     "diff_prune",
     "diff_linear",

@@ -352,3 +352,51 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_feature
         rows, cols = idx // in_features, idx % in_features
         out[start : start + chunk] = (grad_y[:, rows].to(acc_dtype) * x[:, cols].to(acc_dtype)).sum(0)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse diff scatter: merge a task's diff into the base tensors and restore them bit for bit
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the merge sum is formed in: float64 for float64 bases, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scatter_apply(targets, table, ids, index, values, starts, saved):
+    """Merge a sparse diff into same-dtype tensors, saving every value it overwrites.
+
+    Entry j belongs to ``targets[ids[j]]``; entries are grouped by tensor, those of ``targets[t]``
+    being ``starts[t]:starts[t + 1]`` (tensors past ``len(starts) - 1`` have none). With
+    theta = targets[ids[j]] viewed flat and i = index[j]::
+
+        saved[j] = theta[i]
+        theta[i] = round_to_dtype(acc(theta[i]) + acc(values[j]))      acc = fp64 for fp64, else fp32
+
+    so the merged value is the correctly rounded sum formed once, and writing ``saved`` back
+    (:func:`scatter_restore`) returns the exact original bits. Targets are contiguous and disjoint,
+    indices unique per tensor. ``table`` (the targets' data pointers) is what the one-launch
+    kernels read; this per-tensor loop, the oracle and CPU path, ignores it and ``ids``.
+    """
+    with torch.no_grad():
+        for t in range(len(starts) - 1):
+            lo, hi = starts[t], starts[t + 1]
+            if lo == hi:
+                continue
+            flat = targets[t].view(-1)
+            idx = index[lo:hi].long()
+            old = flat[idx]
+            saved[lo:hi] = old
+            acc = _merge_dtype(flat.dtype)
+            flat[idx] = (old.to(acc) + values[lo:hi].to(acc)).to(flat.dtype)
+    return saved
+
+
+def scatter_restore(targets, table, ids, index, starts, saved):
+    """Undo :func:`scatter_apply`: theta[index[j]] = saved[j] for every entry (same layout)."""
+    with torch.no_grad():
+        for t in range(len(starts) - 1):
+            lo, hi = starts[t], starts[t + 1]
+            if lo != hi:
+                targets[t].view(-1)[index[lo:hi].long()] = saved[lo:hi]

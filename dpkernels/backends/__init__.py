@@ -1,7 +1,7 @@
 """Backend registry and dispatch: the one place that decides which implementation runs an op.
 
-Every backend module offers the same primitives (``gate_forward``, ``gate_backward``, with the
-signatures of ``dpkernels.reference``):
+Every backend module offers the same primitives (``gate_forward``, ``gate_backward``, and where
+written ``sddmm``, ``scatter_apply``, ``scatter_restore``; the signatures of ``dpkernels.reference``):
 
     torch   dpkernels.reference   any device, any float dtype (the oracle and CPU fallback)
     triton  backends/triton       CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp32 gates
@@ -62,34 +62,52 @@ def load(name: str):
     return _loaded[name]
 
 
-def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why backend `name` cannot run on tensors of this device and gate-parameter dtype, or None."""
+def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, *,
+                       dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
+    """Why backend `name` cannot run on tensors of this device and dtype, or None.
+
+    ``dtypes``: the dtypes the op's kernels take (None: the gate ops' float32 diff and log_alpha;
+    the scatter ops pass the base-weight dtypes they support).
+    """
     if name == "torch":
         return None
     interpreted = name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not interpreted:
         hint = " (or CPU tensors under TRITON_INTERPRET=1)" if name == "triton" else ""
         return f"it runs on CUDA tensors{hint}, got {device.type} tensors"
-    if dtype != torch.float32:
-        return f"it takes float32 diff and log_alpha, got {dtype}"
+    if dtypes is None:
+        if dtype != torch.float32:
+            return f"it takes float32 diff and log_alpha, got {dtype}"
+    elif dtype not in dtypes:
+        return f"it takes {', '.join(str(d).removeprefix('torch.') for d in dtypes)} tensors, got {dtype}"
     return None
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype):
-    """The backend module that runs `op` for gate parameters of this device and dtype."""
+def select(op: str, device: torch.device, dtype: torch.dtype, *, dtypes: tuple[torch.dtype, ...] | None = None,
+           primitive: str | None = None):
+    """The backend module that runs `op` for tensors of this device and dtype.
+
+    ``dtypes`` as in :func:`unsupported_reason`. ``primitive``: the function the caller will use;
+    ``auto`` skips backends that lack it (a kernel not written yet for that backend) and an
+    explicit choice that lacks it raises BackendUnavailable.
+    """
     choice = requested()
     if choice != "auto":
-        reason = unsupported_reason(choice, device, dtype)
+        reason = unsupported_reason(choice, device, dtype, dtypes=dtypes)
         if reason:
             raise BackendUnavailable(f"{_ENV}={choice} cannot run {op}: {reason}")
         module = load(choice)
+        if primitive is not None and not hasattr(module, primitive):
+            raise BackendUnavailable(f"{_ENV}={choice} cannot run {op}: the {choice} backend has no {primitive}")
         _last_used[op] = choice
         return module
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if unsupported_reason(name, device, dtype) is None:
+        if unsupported_reason(name, device, dtype, dtypes=dtypes) is None:
             try:
                 module = load(name)
             except BackendUnavailable:
+                continue
+            if primitive is not None and not hasattr(module, primitive):
                 continue
             _last_used[op] = name
             return module

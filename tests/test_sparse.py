@@ -1,0 +1,491 @@
+"""SparseDiff: extraction, the safetensors format and its validation, apply/restore against a model."""
+
+import copy
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+import dpkernels
+from dpkernels import SparseDiff, TaskSwitcher, sparse
+from dpkernels.nn import iter_gated
+from tests.conftest import assert_close_by_rule
+
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+class Net(nn.Module):
+    """Odd sizes; a bias-free layer; a head that diffs carry dense."""
+
+    def __init__(self, dtype=torch.float32, device="cpu", seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = nn.Linear(9, 341)
+        self.norm = nn.LayerNorm(341)
+        self.mid = nn.Linear(341, 41, bias=False)
+        self.one = nn.Linear(41, 1)
+        self.head = nn.Linear(1, 3)
+        with torch.no_grad():  # LayerNorm starts at exactly 1 and 0: make it random like the rest
+            self.norm.weight.normal_(1.0, 0.1)
+            self.norm.bias.normal_(0.0, 0.1)
+        self.to(device, dtype)
+
+
+def bits(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's bit pattern (so -0.0 != 0.0 and NaN payloads count), on the CPU."""
+    return {n: p.detach().cpu().view(_INT_VIEW[p.dtype]).clone() for n, p in model.named_parameters()}
+
+
+def assert_same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs bitwise"
+
+
+def random_diff(model, seed, density=0.05, dense=("head.weight", "head.bias")):
+    """A diff with random indices (at least one per tensor) and fp32 values for every parameter
+    of `model` but the `dense` ones, which get random whole values."""
+    gen = torch.Generator().manual_seed(seed)
+    deltas, dense_values = {}, {}
+    for name, p in model.named_parameters():
+        if name in dense:
+            dense_values[name] = torch.randn(p.shape, generator=gen)
+            continue
+        k = max(1, int(density * p.numel()))
+        index = torch.randperm(p.numel(), generator=gen)[:k]
+        deltas[name] = (index, torch.randn(k, generator=gen) * 0.05)
+    return SparseDiff.from_deltas(model, deltas, dense_values)
+
+
+def contract_merge(model, diff) -> dict[str, torch.Tensor]:
+    """The apply contract from the float64 sum: round(acc(base) + acc(delta)) per entry, acc = fp32
+    (fp64 for fp64 bases); dense parameters replaced (cast to the parameter's dtype)."""
+    out = {}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        base = p.detach().cpu()
+        if name in diff.dense:
+            out[name] = diff.dense[name].to(p.dtype)
+        elif name in diff.tensors:
+            t = diff.tensors[name]
+            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+            flat = base.reshape(-1).clone()
+            exact = base.reshape(-1)[t.index].double() + t.values.double()
+            flat[t.index] = exact.to(acc).to(p.dtype)
+            out[name] = flat.view(p.shape)
+        else:
+            out[name] = base.clone()
+    return {n: t.view(_INT_VIEW[t.dtype]) for n, t in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_bert(seed=0):
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                     max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _sparse_gates(model, seed=0):
+    """Random diffs whose eval gates are mostly exactly 0 (log_alpha = -10), some 1, some between."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, gt in iter_gated(model):
+            gt.diff.copy_(torch.randn(gt.diff.shape, generator=gen) * 0.05)
+            u = torch.rand(gt.log_alpha.shape, generator=gen)
+            gt.log_alpha.copy_(torch.where(u < 0.9, -10.0, torch.where(u < 0.95, 10.0, 0.3)))
+
+
+def test_from_model_collects_the_eval_delta_and_the_head():
+    plain = tiny_bert()
+    model = dpkernels.diff_prune(copy.deepcopy(plain))
+    _sparse_gates(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    diff = SparseDiff.from_model(model)
+    gated = {name: gt for name, _, gt in iter_gated(model)}
+    assert set(diff.tensors) == set(gated) == {n for n in dict(plain.named_parameters()) if "classifier" not in n}
+    assert set(diff.dense) == {"classifier.weight", "classifier.bias"}
+    for name, gt in gated.items():
+        delta = gt.eval_dense_delta().reshape(-1)
+        t = diff.tensors[name]
+        assert torch.equal(t.index, delta.nonzero().reshape(-1))
+        assert torch.equal(t.values, delta[t.index])
+        assert t.shape == tuple(gt.theta0.shape) and t.dtype == torch.float32
+        assert t.gate == {"l": -1.5, "r": 1.5, "beta": 1.0}
+    assert 0 < diff.nnz < 0.2 * diff.total and diff.sparsity == diff.nnz / diff.total
+    assert torch.equal(diff.dense["classifier.weight"], model.classifier.weight)
+
+    # Applied to the plain pretrained model, the diff reproduces the diff-pruned model's eval output.
+    diff.apply(plain)
+    x = torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain(x).logits, model.eval()(x).logits, rtol=0, atol=1e-6)
+
+
+def test_from_model_after_projection_and_gate_config_check():
+    model = dpkernels.diff_prune(tiny_bert())
+    _sparse_gates(model)
+    kept = dpkernels.project(model, 0.01)
+    diff = SparseDiff.from_model(model, gate_config={"l": -1.5, "r": 1.5, "beta": 1.0})
+    assert diff.nnz <= kept  # entries whose eval delta is exactly 0 are dropped
+    for name, _, gt in iter_gated(model):
+        keep = gt.values != 0
+        assert torch.equal(diff.tensors[name].index, gt.index[keep])
+    with pytest.raises(ValueError, match="gate config"):
+        SparseDiff.from_model(model, gate_config={"l": -0.1, "r": 1.1, "beta": 2 / 3})
+    with pytest.raises(ValueError, match="keys l, r, beta"):
+        SparseDiff.from_model(model, gate_config={"l": -1.5})
+
+
+def test_from_model_reads_the_base_without_an_applied_diff():
+    model = dpkernels.diff_prune(tiny_bert())
+    _sparse_gates(model)
+    before = SparseDiff.from_model(model)
+    # Another task: sparse on every base tensor and on the classifier's bias, dense classifier weight.
+    other = random_diff(tiny_bert(), seed=5, density=0.3, dense=("classifier.weight",))
+    switcher = TaskSwitcher(model).add("other", other).switch("other")
+    during = SparseDiff.from_model(model)
+    for name, t in before.tensors.items():
+        assert torch.equal(t.base_values, during.tensors[name].base_values), name
+        assert torch.equal(t.values, during.tensors[name].values)
+    for name, d in before.dense.items():
+        assert torch.equal(d, during.dense[name])
+    switcher.add("during", during)  # its fingerprint is the true base
+    switcher.switch("during").reset()
+
+
+def test_from_deltas_sorts_and_rejects_bad_input():
+    model = Net()
+    diff = SparseDiff.from_deltas(model, {"enc.bias": (torch.tensor([7, 2, 300]), torch.tensor([1.0, 2.0, 3.0]))})
+    assert diff.tensors["enc.bias"].index.tolist() == [2, 7, 300]
+    assert diff.tensors["enc.bias"].values.tolist() == [2.0, 1.0, 3.0]
+    with pytest.raises(ValueError, match="no parameters named 'nope'"):
+        SparseDiff.from_deltas(model, {"nope": (torch.tensor([0]), torch.tensor([1.0]))})
+    with pytest.raises(ValueError, match="free of duplicates"):
+        SparseDiff.from_deltas(model, {"enc.bias": (torch.tensor([3, 3]), torch.tensor([1.0, 2.0]))})
+    with pytest.raises(ValueError, match="outside"):
+        SparseDiff.from_deltas(model, {"enc.bias": (torch.tensor([341]), torch.tensor([1.0]))})
+    with pytest.raises(ValueError, match="NaN"):
+        SparseDiff.from_deltas(model, {"enc.bias": (torch.tensor([1]), torch.tensor([float("nan")]))})
+    with pytest.raises(ValueError, match="2 values for 1 indices"):
+        SparseDiff.from_deltas(model, {"enc.bias": (torch.tensor([1]), torch.tensor([1.0, 2.0]))})
+    with pytest.raises(ValueError, match="both gated and dense"):
+        SparseDiff.from_deltas(model, {"head.bias": (torch.tensor([1]), torch.tensor([1.0]))},
+                               {"head.bias": torch.zeros(3)})
+
+
+# --------------------------------------------------------------------------------------------
+# The file
+# --------------------------------------------------------------------------------------------
+
+
+def assert_same_diff(a: SparseDiff, b: SparseDiff) -> None:
+    assert list(a.tensors) == list(b.tensors) and list(a.dense) == list(b.dense)
+    for name, t in a.tensors.items():
+        u = b.tensors[name]
+        assert (t.shape, t.dtype, t.gate) == (u.shape, u.dtype, u.gate)
+        for field in ("index", "values", "base_index", "base_values"):
+            x, y = getattr(t, field), getattr(u, field)
+            assert x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu()), f"{name}.{field}"
+    for name, d in a.dense.items():
+        assert d.dtype == b.dense[name].dtype and torch.equal(d.cpu(), b.dense[name].cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_save_load_round_trip(tmp_path, dtype):
+    model = Net(dtype)
+    diff = random_diff(model, seed=1)
+    empty = SparseDiff.from_deltas(model, {"one.bias": (torch.tensor([], dtype=torch.int64), torch.tensor([]))})
+    for d, name in ((diff, "a.safetensors"), (empty, "empty.safetensors")):
+        path = tmp_path / name
+        size = d.save(path)
+        assert size == os.path.getsize(path) and d.num_bytes < size
+        loaded = SparseDiff.load(path, device="cpu")
+        assert_same_diff(d, loaded)
+        assert repr(loaded) == repr(d)
+    raw = safetensors.torch.load_file(tmp_path / "a.safetensors")
+    assert raw["enc.weight.indices"].dtype == torch.int32 and raw["enc.weight.values"].dtype == torch.float32
+    assert raw["head.weight.dense"].dtype == torch.float32
+    assert diff.dense_num_bytes == sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                                       if not n.startswith("head")) + 4 * 6
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o666 & ~umask
+
+
+def _raw_file(diff):
+    """(tensors, metadata) exactly as save() writes them."""
+    tensors = {k: v.detach().cpu().clone() for k, v in diff._file_tensors().items()}
+    metadata = diff._metadata()
+    return tensors, metadata
+
+
+def _write(path, tensors, metadata, checksum=True):
+    metadata = dict(metadata)
+    if checksum:
+        metadata["sha256"] = sparse._digest(tensors, metadata)
+    path.write_bytes(safetensors.torch.save(tensors, metadata))
+    return path
+
+
+def _bad(tmp_path, mutate, checksum=True):
+    """A file written from a valid diff after `mutate(tensors, metadata)`."""
+    tensors, metadata = _raw_file(random_diff(Net(), seed=2))
+    mutate(tensors, metadata)
+    return _write(tmp_path / "bad.safetensors", tensors, metadata, checksum)
+
+
+def _set(key, value):
+    return lambda tensors, metadata: metadata.__setitem__(key, value)
+
+
+def _tensor(key, fn):
+    return lambda tensors, metadata: tensors.__setitem__(key, fn(tensors[key]))
+
+
+def _retype(tensors, metadata):
+    records = json.loads(metadata["tensors"])
+    records[0]["dtype"] = "int8"
+    metadata["tensors"] = json.dumps(records)
+
+
+def _reshape_record(tensors, metadata):
+    records = json.loads(metadata["tensors"])
+    records[0]["shape"] = [341, 10]
+    metadata["tensors"] = json.dumps(records)
+
+
+def _drop(key):
+    return lambda tensors, metadata: tensors.pop(key)
+
+
+def _swap_first_two(t):
+    t = t.clone()
+    t[[0, 1]] = t[[1, 0]]
+    return t
+
+
+def _dup_first(t):
+    t = t.clone()
+    t[1] = t[0]
+    return t
+
+
+BAD_FILES = {
+    "wrong format": (_set("format", "something.else"), "not a dpkernels sparse diff"),
+    "newer version": (_set("format_version", "2"), "newer than the supported 1"),
+    "bad version": (_set("format_version", "x"), "format version 'x'"),
+    "missing tensor": (_drop("enc.weight.values"), "missing 'enc.weight.values'"),
+    "extra tensor": (lambda t, m: t.__setitem__("stray", torch.zeros(2)), "extra 'stray'"),
+    "unsorted indices": (_tensor("enc.weight.indices", _swap_first_two), "must be sorted and free of duplicates"),
+    "duplicated indices": (_tensor("enc.weight.indices", _dup_first), "must be sorted and free of duplicates"),
+    "index out of range": (_tensor("enc.bias.indices", lambda t: torch.cat([t[:-1], t.new_tensor([341])])),
+                           "outside \\[0, 341\\)"),
+    "negative index": (_tensor("enc.bias.indices", lambda t: torch.cat([t.new_tensor([-1]), t[1:]])), "outside"),
+    "float indices": (_tensor("enc.weight.indices", lambda t: t.float()), "indices are torch.float32"),
+    "int16 indices": (_tensor("enc.weight.indices", lambda t: t.to(torch.int16)), "indices are torch.int16"),
+    "nan value": (_tensor("enc.weight.values", lambda t: torch.cat([t[:-1], t.new_tensor([float("nan")])])), "NaN"),
+    "short values": (_tensor("enc.weight.values", lambda t: t[:-1]), "values for"),
+    "fp16 values": (_tensor("enc.weight.values", lambda t: t.half()), "values must be a 1-D float32"),
+    "nnz disagrees": (_tensor("enc.weight.indices", lambda t: t[:-1]), "metadata says nnz="),
+    "total disagrees": (_set("total", "12"), "metadata total=12"),
+    "sparsity disagrees": (_set("sparsity", "0.5"), "metadata sparsity"),
+    "tensors not json": (_set("tensors", "[{"), "'tensors' is not JSON"),
+    "unknown base dtype": (_retype, "base dtype 'int8'"),
+    "shape disagrees": (_reshape_record, "outside|metadata total"),
+    "dense shape": (_tensor("head.weight.dense", lambda t: t[:2]), "dense 'head.weight'"),
+    "gate config": (_set("gate_config", json.dumps({"l": -1.0, "r": 1.5, "beta": 1.0})), "gate_config"),
+    "no checksum": (lambda t, m: None, "no sha256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_raise_a_value_error_naming_the_problem(tmp_path, case):
+    mutate, message = BAD_FILES[case]
+    path = _bad(tmp_path, mutate, checksum=case != "no checksum")
+    with pytest.raises(ValueError, match=message) as info:
+        SparseDiff.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_garbage_truncated_and_corrupt_files(tmp_path):
+    good = tmp_path / "good.safetensors"
+    random_diff(Net(), seed=3).save(good)
+    data = good.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    cases = {
+        "text": (b"hello, I am not a tensor file", "not a readable safetensors file"),
+        "empty": (b"", "not a readable safetensors file"),
+        "truncated": (data[:-5], "not a readable safetensors file"),
+        "truncated header": (data[: header // 2], "not a readable safetensors file"),
+        "data byte flipped": (data[:-3] + bytes([data[-3] ^ 0x10]) + data[-2:], "checksum mismatch"),
+        "metadata edited": (data.replace(b'"values_dtype":"float32"', b'"values_dtype":"float16"'),
+                            "checksum mismatch"),
+    }
+    for name, (content, message) in cases.items():
+        assert content != data, name
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            SparseDiff.load(path)
+    # A plain safetensors checkpoint is not a diff.
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(3)}, plain)
+    with pytest.raises(ValueError, match="not a dpkernels sparse diff"):
+        SparseDiff.load(plain)
+    with pytest.raises(FileNotFoundError):
+        SparseDiff.load(tmp_path / "missing.safetensors")
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), _Interrupt()])
+@pytest.mark.parametrize("existing", [True, False])
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch, error, existing):
+    model = Net()
+    old, new = random_diff(model, seed=4), random_diff(model, seed=5, density=0.2)
+    path = tmp_path / "diff.safetensors"
+    if existing:
+        old.save(path)
+    before = path.read_bytes() if existing else None
+
+    def write_half_then_fail(f, data):
+        f.write(data[: len(data) // 2])
+        raise error
+
+    monkeypatch.setattr(sparse, "_write_all", write_half_then_fail)
+    with pytest.raises(type(error)):
+        new.save(path)
+    assert os.listdir(tmp_path) == (["diff.safetensors"] if existing else [])
+    if existing:
+        assert path.read_bytes() == before
+        assert_same_diff(SparseDiff.load(path), old)
+    monkeypatch.undo()
+    new.save(path)
+    assert_same_diff(SparseDiff.load(path), new)
+
+
+# --------------------------------------------------------------------------------------------
+# Apply / restore
+# --------------------------------------------------------------------------------------------
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_is_the_rounded_sum_and_restore_is_bit_exact(device_backend, dtype):
+    device, backend = device_backend
+    model = Net(dtype, device)
+    diff = random_diff(model, seed=6)
+    original = bits(model)
+    expected = contract_merge(model, diff)
+    diff.apply(model)
+    assert dpkernels.info()["last_used"]["scatter_apply"] == backend
+    assert_same_bits(bits(model), expected)
+    # The error against the exact float64 sum follows DESIGN's rule against torch's direct rounding.
+    params = dict(model.named_parameters())
+    for name, t in diff.tensors.items():
+        base = original[name].view(dtype).reshape(-1)[t.index].double()
+        exact = base + t.values.double()
+        merged = params[name].detach().cpu().reshape(-1)[t.index]
+        assert_close_by_rule(merged, exact.to(dtype), exact, atol=0.0, name=name)
+    diff.restore(model)
+    assert dpkernels.info()["last_used"]["scatter_restore"] == backend
+    assert_same_bits(bits(model), original)
+
+
+def test_apply_validates_before_touching_the_model():
+    model = Net()
+    diff = random_diff(model, seed=7)
+    original = bits(model)
+    cases = [
+        (Net(seed=1), "wrong base model"),  # same architecture, other weights
+        (nn.Sequential(nn.Linear(9, 341)), "no parameters named"),
+    ]
+    wide = Net()
+    wide.mid = nn.Linear(341, 42, bias=False)
+    cases.append((wide, "'mid.weight' has shape \\(42, 341\\) in the model, \\(41, 341\\) in the diff"))
+    head = Net()
+    head.head = nn.Linear(1, 4)
+    cases.append((head, "dense 'head.weight' has shape"))
+    for other, message in cases:
+        other_bits = bits(other)
+        with pytest.raises(ValueError, match=message):
+            diff.apply(other)
+        assert_same_bits(bits(other), other_bits)
+    for share in ("same parameter", "same storage"):
+        tied = Net()
+        tied.one.weight = tied.mid.weight if share == "same parameter" else nn.Parameter(tied.mid.weight.detach())
+        tied_bits = bits(tied)
+        both = {n: (torch.tensor([0, 5]), torch.tensor([1.0, 2.0])) for n in ("mid.weight", "one.weight")}
+        with pytest.raises(ValueError, match="'mid.weight' and 'one.weight' share memory"):
+            SparseDiff.from_deltas(tied, both).apply(tied)
+        assert_same_bits(bits(tied), tied_bits)
+    diff.apply(model)
+    applied = bits(model)
+    with pytest.raises(ValueError, match="already has a diff applied \\(by this diff\\)"):
+        diff.apply(model)
+    with pytest.raises(ValueError, match="already has a diff applied \\(by a SparseDiff\\)"):
+        random_diff(model, seed=8).apply(model)
+    with pytest.raises(ValueError, match="already has a diff applied"):
+        TaskSwitcher(model).add("x", random_diff(model, seed=8)).switch("x")
+    assert_same_bits(bits(model), applied)
+    with pytest.raises(ValueError, match="not applied"):
+        random_diff(model, seed=8).restore(model)
+    diff.restore(model)
+    assert_same_bits(bits(model), original)
+    with pytest.raises(ValueError, match="not applied"):
+        diff.restore(model)
+
+
+@pytest.mark.parametrize("to_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_cast_base_passes_the_fingerprint_and_another_model_does_not(to_dtype):
+    diff = random_diff(Net(torch.float32), seed=9)
+    cast = Net(torch.float32).to(to_dtype)
+    diff.apply(cast)
+    diff.restore(cast)
+    other = Net(torch.float32, seed=3).to(to_dtype)
+    with pytest.raises(ValueError, match=r"wrong base model: 7 tensor\(s\) differ.*'enc.weight' \(16 of 16 samples\)"):
+        diff.apply(other)
+    # One tensor nudged by 2% (beyond any cast's rounding) at every position is named.
+    nudged = Net(torch.float32)
+    with torch.no_grad():
+        nudged.mid.weight.mul_(1.02)
+    with pytest.raises(ValueError, match="'mid.weight' \\(16 of 16 samples\\)"):
+        diff.apply(nudged.to(to_dtype))
+
+
+def test_same_dtype_fingerprint_is_exact():
+    model = Net(torch.bfloat16)
+    diff = random_diff(model, seed=10)
+    with torch.no_grad():  # one ulp at one sampled position of one tensor
+        flat = model.enc.weight.view(-1)
+        pos = int(diff.tensors["enc.weight"].base_index[3])
+        flat.view(torch.int16)[pos] += 1
+    with pytest.raises(ValueError, match="'enc.weight' \\(1 of 16 samples\\)"):
+        diff.apply(model)
+
+
+def test_parametrized_targets_resolve_by_plain_name():
+    model = dpkernels.diff_prune(tiny_bert())
+    diff = random_diff(tiny_bert(), seed=11, dense=("classifier.weight",))
+    before = model.bert.embeddings.word_embeddings.parametrizations.weight.original.detach().clone()
+    diff.apply(model)
+    after = model.bert.embeddings.word_embeddings.parametrizations.weight.original
+    changed = (after != before).reshape(-1).nonzero().reshape(-1)
+    assert set(changed.tolist()) <= set(diff.tensors["bert.embeddings.word_embeddings.weight"].index.tolist())
+    assert changed.numel() > 0
+    diff.restore(model)
+    assert torch.equal(after.view(torch.int32), before.view(torch.int32))
