@@ -30,6 +30,8 @@ import torch.nn.functional as F
 __all__ = [
     "normalize_seed",
     "philox4x32",
+    "philox_rounds",
+    "word_to_uniform",
     "philox_randint",
     "philox_uniform",
     "uniform",
@@ -98,7 +100,11 @@ def philox4x32(seed: int, c0, c1, c2, c3):
     Key = (seed_lo, seed_hi) of the unsigned 64-bit seed, rounds and constants as Random123
     and triton.language.random.philox_impl.
     """
-    k0, k1 = seed & _MASK32, seed >> 32
+    return philox_rounds(c0, c1, c2, c3, seed & _MASK32, seed >> 32)
+
+
+def philox_rounds(c0, c1, c2, c3, k0, k1):
+    """The 10 Philox rounds for key words k0, k1 (ints or int64 tensors holding 32-bit values)."""
     for _ in range(_PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
@@ -106,6 +112,13 @@ def philox4x32(seed: int, c0, c1, c2, c3):
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     return c0, c1, c2, c3
+
+
+def word_to_uniform(word: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float for a 32-bit word held in int64: float32 in [0, 1)."""
+    # int32 bit-cast, then x < 0 -> ~x (= 2**32 - 1 - word): a value in [0, 2**31 - 1].
+    x = torch.where(word >= (1 << 31), _MASK32 - word, word)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=word.device)
 
 
 def _philox_first_word(seed: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -141,12 +154,8 @@ def philox_uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
     offsets = _check_offsets(offsets)
     flat = offsets.reshape(-1)
     out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
-        word = _philox_first_word(seed, flat[start : start + _CHUNK])
-        # int32 bit-cast, then x < 0 -> ~x (= 2**32 - 1 - word): a value in [0, 2**31 - 1].
-        x = torch.where(word >= (1 << 31), _MASK32 - word, word)
-        out[start : start + _CHUNK] = x.to(torch.float32) * scale
+        out[start : start + _CHUNK] = word_to_uniform(_philox_first_word(seed, flat[start : start + _CHUNK]))
     return out.reshape(offsets.shape)
 
 

@@ -3,7 +3,8 @@
 Every backend module offers the same primitives (``gate_forward``, ``gate_backward``, and where
 written ``sddmm``, ``scatter_apply``, ``scatter_restore``; the signatures of ``dpkernels.reference``):
 
-    torch   dpkernels.reference   any device, any float dtype (the oracle and CPU fallback)
+    torch   dpkernels.reference   any device, any float dtype (the oracle and CPU fallback); large
+                                  CPU tensors' gate passes fused by torch.compile (torch_fused.py)
     triton  backends/triton       CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp32 gates
     cuda    backends/cuda         the compiled extension dpkernels._C; CUDA tensors, fp32 gates
 
@@ -42,7 +43,7 @@ def requested() -> str:
 
 def _import(name: str):
     if name == "torch":
-        return importlib.import_module("dpkernels.reference")
+        return importlib.import_module("dpkernels.backends.torch_fused")
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             raise ImportError("triton is not installed (pip install triton)")

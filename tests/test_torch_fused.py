@@ -1,0 +1,93 @@
+"""The torch backend's fused CPU gate passes (torch.compile) against the eager reference."""
+
+import pytest
+import torch
+from conftest import assert_close_by_rule
+
+from dpkernels import reference as ref
+from dpkernels.backends import torch_fused
+
+EPS32 = torch.finfo(torch.float32).eps
+ARGS = dict(l=-1.5, r=1.5, beta=1.0)
+
+
+@pytest.fixture
+def fuse_everything(monkeypatch):
+    monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "1")
+    monkeypatch.setattr(torch_fused, "_disabled_reason", None)
+    before = torch_fused.fused_calls
+    yield
+    assert torch_fused.fused_calls > before, "the fused path did not run"
+
+
+def _case(n=4231, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    la = torch.randn(n, generator=gen) * 3
+    la[:4] = torch.tensor([1e4, -1e4, 0.0, 30.0])
+    return la, torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1, torch.randn(n, generator=gen)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_forward_matches_the_reference(fuse_everything, training):
+    la, theta0, diff, _ = _case()
+    seed, offset = 2**40 + 3, 2**32 - 100
+    cfg = (seed, offset, training, ARGS["l"], ARGS["r"], ARGS["beta"])
+    z = torch_fused.gate_forward(la, *cfg)
+    assert_close_by_rule(z, ref.gate_forward(la, *cfg), ref.gate_forward(la.double(), *cfg), 8 * EPS32, "z")
+    eff = torch_fused.gate_forward(la, *cfg, theta0=theta0, diff=diff, out_dtype=torch.float32)
+    oracle = ref.gate_forward(la.double(), *cfg, theta0=theta0.double(), diff=diff.double(), out_dtype=torch.float64)
+    same = ref.gate_forward(la, *cfg, theta0=theta0, diff=diff, out_dtype=torch.float32)
+    assert_close_by_rule(eff, same, oracle, 8 * EPS32 * oracle.abs().max().item(), "effective weight")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_backward_matches_the_reference(fuse_everything, training):
+    la, _, diff, g = _case(seed=1)
+    cfg = (7, 11, training, ARGS["l"], ARGS["r"], ARGS["beta"], 0.25)
+    gw, gla = torch_fused.gate_backward(g, diff, la, *cfg)
+    ow, ola = ref.gate_backward(g.double(), diff.double(), la.double(), *cfg)
+    tw, tla = ref.gate_backward(g, diff, la, *cfg)
+    atol = 8 * EPS32 * ((g.abs() * diff.abs()).max().item() + 0.25)
+    assert_close_by_rule(gw, tw, ow, atol, "grad_diff")
+    # Entries whose fp64 sbar sits within 1e-5 of the clamp may flip in fp32; compare the rest.
+    logit = la.double()
+    if training:
+        u = ref.uniform(7, la.numel(), 11).double()
+        logit = (u.log() - (1 - u).log() + logit) / ARGS["beta"]
+    sbar = torch.sigmoid(logit) * (ARGS["r"] - ARGS["l"]) + ARGS["l"]
+    far = (sbar.abs() > 1e-5) & ((sbar - 1).abs() > 1e-5)
+    assert_close_by_rule(gla[far], tla[far], ola[far], atol, "grad_log_alpha")
+    buf_w, buf_la = torch.ones_like(gw), torch.ones_like(gla)
+    torch_fused.gate_backward(g, diff, la, *cfg, grad_diff=buf_w, grad_log_alpha=buf_la)
+    torch.testing.assert_close(buf_w, gw + 1)
+    torch.testing.assert_close(buf_la, gla + 1)
+
+
+def test_small_tensors_and_float64_stay_eager(monkeypatch):
+    monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "1000")
+    before = torch_fused.fused_calls
+    la = torch.randn(999)
+    assert torch.equal(torch_fused.gate_forward(la, 1, 0, True, -1.5, 1.5, 1.0), ref.gate_forward(la, 1, 0, True,
+                                                                                                   -1.5, 1.5, 1.0))
+    la64 = torch.randn(5000, dtype=torch.float64)
+    assert torch.equal(torch_fused.gate_forward(la64, 1, 0, True, -1.5, 1.5, 1.0),
+                       ref.gate_forward(la64, 1, 0, True, -1.5, 1.5, 1.0))
+    assert torch_fused.fused_calls == before
+
+
+def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "1")
+    monkeypatch.setattr(torch_fused, "_disabled_reason", None)
+    monkeypatch.setattr(torch_fused, "_compiled", {})
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    la = torch.randn(300)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        z = torch_fused.gate_forward(la, 3, 0, True, -1.5, 1.5, 1.0)
+    assert torch.equal(z, ref.gate_forward(la, 3, 0, True, -1.5, 1.5, 1.0))
+    assert torch_fused._disabled_reason is not None
