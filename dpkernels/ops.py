@@ -75,6 +75,16 @@ def _check_gated(names, theta0, diff, log_alpha) -> None:
         raise TypeError(f"{diff_name} ({diff.dtype}) and {la_name} ({log_alpha.dtype}) must share a dtype")
 
 
+def _check_linear_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """x (..., in_features) and a 2-D weight (out_features, in_features) on one device."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {weight.shape[1]}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """x's dtype, or the autocast dtype when autocast is on for x's device (as F.linear would use)."""
     device_type = x.device.type
@@ -196,12 +206,7 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     """
     _check_tensor("x", x)
     _check_tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {weight.shape[1]}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    _check_linear_shapes(x, weight)
     if bias is not None:
         _check_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
@@ -298,12 +303,7 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
     """
     _check_tensor("x", x)
     _check_mask(("weight", "index", "values"), weight, index, values)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features = {weight.shape[1]}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device}, weight on {weight.device}")
+    _check_linear_shapes(x, weight)
     if (bias_index is None) != (bias_values is None):
         raise ValueError("pass both bias_index and bias_values, or neither")
     if bias_values is not None:

@@ -136,27 +136,25 @@ def _check_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return offsets
 
 
-def philox_randint(seed, offsets: torch.Tensor) -> torch.Tensor:
-    """``tl.randint(seed, offsets)`` as int32 (the first Philox word, bit-cast)."""
+def _map_words(seed, offsets: torch.Tensor, fn, dtype: torch.dtype) -> torch.Tensor:
+    """fn(first Philox word) for every counter, chunk by chunk, in the offsets' shape."""
     seed = normalize_seed(seed)
     offsets = _check_offsets(offsets)
     flat = offsets.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.int64, device=flat.device)
+    out = torch.empty(flat.shape, dtype=dtype, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
-        out[start : start + _CHUNK] = _philox_first_word(seed, flat[start : start + _CHUNK])
-    out = torch.where(out >= (1 << 31), out - (1 << 32), out)
-    return out.to(torch.int32).reshape(offsets.shape)
+        out[start : start + _CHUNK] = fn(_philox_first_word(seed, flat[start : start + _CHUNK]))
+    return out.reshape(offsets.shape)
+
+
+def philox_randint(seed, offsets: torch.Tensor) -> torch.Tensor:
+    """``tl.randint(seed, offsets)`` as int32 (the first Philox word, bit-cast)."""
+    return _map_words(seed, offsets, lambda w: torch.where(w >= (1 << 31), w - (1 << 32), w), torch.int32)
 
 
 def philox_uniform(seed, offsets: torch.Tensor) -> torch.Tensor:
     """``tl.rand(seed, offsets)``: float32 in [0, 1), bit-identical to Triton."""
-    seed = normalize_seed(seed)
-    offsets = _check_offsets(offsets)
-    flat = offsets.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.float32, device=flat.device)
-    for start in range(0, flat.numel(), _CHUNK):
-        out[start : start + _CHUNK] = word_to_uniform(_philox_first_word(seed, flat[start : start + _CHUNK]))
-    return out.reshape(offsets.shape)
+    return _map_words(seed, offsets, word_to_uniform, torch.float32)
 
 
 def group_gate(group_log_alpha: torch.Tensor, seed, offset: int, *, training=True, l=-1.5, r=1.5, beta=1.0):
