@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (run through the device tool, from the repo root): build and install the
 # package from source, run every test (the cuda-marked ones execute there), then the benchmarks.
-# Logs and CSV/JSON tables land in $OUT (benchmarks/out when run by hand). Copy the numbers, with
-# the device name, date and commit, into benchmarks/RESULTS.md.
+# Logs and CSV/JSON tables land in $OUT/gpu_check/ and, bundled, in $OUT/gpu_check.tgz (the device
+# tool brings back at most 8 files). Copy the numbers, with the device name, date and commit, into
+# benchmarks/RESULTS.md.
 set -uo pipefail
-OUT=${OUT:-benchmarks/out}
+BASE_OUT=${OUT:-benchmarks/out}
+OUT="$BASE_OUT/gpu_check"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
@@ -25,4 +27,5 @@ fi
 python3 -m benchmarks.bench_gates --out "$OUT" || status=1
 python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
 python3 -m benchmarks.bench_switch --out "$OUT" || status=1
+tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check.tgz" gpu_check && rm -rf "$OUT"
 exit $status

@@ -12,16 +12,29 @@ L0_LAMBDA = 1e-3
 
 
 def build_model(fused_l0: bool = False):
-    torch.manual_seed(0)  # the same pretrained weights and gates on every rank
-    model = nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                          nn.Linear(16, 3))
-    # The last layer plays the new task head. FSDP2 shards log_alpha, so the L0 gradient is fused
-    # into the gate backward (computed on the unsharded tensors) instead of a penalty in the loss.
-    dpkernels.diff_prune(model, dense=r"^5\.", l0_lambda=L0_LAMBDA if fused_l0 else 0.0)
+    """A tiny randomly initialised BERT classifier, diff-pruned (the same on every rank)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    # FSDP2 shards log_alpha, so there the L0 gradient is fused into the gate backward (computed on
+    # the unsharded tensors) instead of a penalty term in the loss.
+    dpkernels.diff_prune(model, dense=r"^classifier\.", l0_lambda=L0_LAMBDA if fused_l0 else 0.0)
     with torch.no_grad():
         for _, _, gt in dpkernels.nn.iter_gated(model):
             gt.log_alpha.normal_(0, 2)  # gates that are often interior, so log_alpha learns too
     return model
+
+
+def _shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def run(rank: int, world: int, mode: str, port: int, out_dir: str, steps: int = 4):
@@ -33,13 +46,8 @@ def run(rank: int, world: int, mode: str, port: int, out_dir: str, steps: int = 
             wrapped = nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in model:
-                if any(p.requires_grad for p in layer.parameters()):
-                    fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
+            wrapped = _shard(model, init_device_mesh("cpu", (world,)))
             try:
                 dpkernels.l0_penalty(model)
                 raise AssertionError("l0_penalty accepted sharded gates")
@@ -50,14 +58,14 @@ def run(rank: int, world: int, mode: str, port: int, out_dir: str, steps: int = 
         seeds = []
         gen = torch.Generator().manual_seed(rank)  # each rank its own data shard
         for _ in range(steps):
-            x, y = torch.randn(8, 12, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-            loss = nn.functional.cross_entropy(wrapped(x), y)
+            x, y = torch.randint(1, 50, (8, 7), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            loss = nn.functional.cross_entropy(wrapped(input_ids=x).logits, y)
             if mode == "ddp":
                 loss = loss + L0_LAMBDA * dpkernels.l0_penalty(model)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            seeds.append(model[0].last_seed)
+            seeds.append(model.bert.encoder.layer[0].attention.self.query.last_seed)
         state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                  for k, v in model.state_dict().items()}
         torch.save({"state": state, "seeds": seeds}, os.path.join(out_dir, f"{mode}_rank{rank}.pt"))

@@ -1,4 +1,4 @@
-"""DiffLinear and diff-pruned models under DistributedDataParallel and FSDP2 (2 CPU processes, gloo)."""
+"""A diff-pruned tiny BERT under DistributedDataParallel and FSDP2 (2 CPU processes, gloo)."""
 
 import socket
 
@@ -27,5 +27,5 @@ def test_two_ranks_train_to_identical_parameters_with_their_own_gates(tmp_path, 
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     moved = [k for k in start if not torch.equal(r0["state"][k], start[k])]
     assert any(k.endswith("diff") for k in moved) and any(k.endswith("log_alpha") for k in moved)
-    assert all(not (k.endswith(".weight") and ".parametrizations." not in k and not k.startswith("5."))
-               for k in moved)  # frozen bases never move
+    assert not [k for k in moved if k.endswith((".weight", ".bias", ".original")) and not k.startswith("classifier")]
+    # (frozen bases never move; only diffs, gates and the dense head do)
