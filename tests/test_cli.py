@@ -18,32 +18,16 @@ from dpkernels import cli
 from dpkernels.cli import main, run_demo
 
 transformers = pytest.importorskip("transformers")
+# The tiny vocabulary, its tokenizer and the one-thread autouse fixture are test_hf's.
+from test_hf import FILLER, NEGATIVE, POSITIVE, VOCAB, _one_thread, make_tokenizer  # noqa: E402, F401
 
-POSITIVE = ["good", "great", "fine", "nice"]
-NEGATIVE = ["bad", "awful", "poor", "sad"]
-FILLER = ["the", "a", "movie", "day", "was", "is", "very", "food"]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
 ROOT = Path(__file__).resolve().parent.parent
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models are fastest on one thread, and a busy 2-core machine does not oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_tiny_bert(folder, seed=0):
     """A 'pretrained' tiny BertModel (encoder + pooler, no classifier) and a WordPiece tokenizer."""
-    vocab = {w: i for i, w in enumerate(VOCAB)}
-    try:
-        tokenizer = transformers.BertTokenizer(vocab=vocab)  # transformers 5
-    except TypeError:
-        (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-        tokenizer = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = make_tokenizer(folder)
     config = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
     torch.manual_seed(seed)
