@@ -398,7 +398,12 @@ def iter_gated(model: nn.Module):
                     yield prefix + pname, p, p.gated_tensor(pname, plist.original)
 
 
+def gate_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of every trainable diff-pruning tensor (diff, log_alpha, group gate, fixed-mask values)."""
+    return {id(t) for _, _, gt in iter_gated(model) for t in gt.trainable()}
+
+
 def dense_task_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters that are not part of a gated diff (e.g. a new classifier head)."""
-    gate_ids = {id(t) for _, _, gt in iter_gated(model) for t in gt.trainable()}
+    gate_ids = gate_parameter_ids(model)
     return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in gate_ids}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import BackendUnavailable, select
+from .backends import select
 
 _FINITE_ENV = "DPKERNELS_CHECK_FINITE"
 
@@ -314,8 +314,6 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
         check_mask_index("index", index, weight.numel())
         if bias_index is not None:
             check_mask_index("bias_index", bias_index, bias.numel())
-    backend = select("sddmm", values.device, values.dtype)
-    if not hasattr(backend, "sddmm"):
-        raise BackendUnavailable(f"backend {backend.__name__} has no sddmm kernel; use another DPKERNELS_BACKEND")
+    backend = select("sddmm", values.device, values.dtype, primitive="sddmm")
     return FixedMaskLinearFunction.apply(x, weight, bias, values, index, bias_values, bias_index, _compute_dtype(x),
                                          backend)

@@ -19,7 +19,7 @@ import torch
 
 from . import data as data_mod
 from . import hf
-from .nn import iter_gated
+from .nn import gate_parameter_ids, iter_gated
 from .prune import diff_prune, l0_penalty, optimizer_groups, project
 from .sparse import SparseDiff
 from .trainer import gate_statistics
@@ -101,7 +101,7 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
                                                    max_length=cfg.max_length), **evaluate)
     diff = SparseDiff.from_model(model)
     diff_bytes = diff.save(cfg.output)
-    gate_ids = {id(t) for _, _, gt in iter_gated(model) for t in gt.trainable()}
+    gate_ids = gate_parameter_ids(model)
     total_params = sum(p.numel() for p in model.parameters() if id(p) not in gate_ids)  # bases + head
     summary = {
         "accuracy_test": test["accuracy"],
