@@ -4,12 +4,17 @@ Providers:
     nn.Linear       full finetuning (the target to match)
     torch           dpkernels on its torch backend (reference gate math, eager)
     torch.compile   dpkernels.reference.diff_linear under torch.compile
-    triton          dpkernels on its Triton backend (gate-apply kernel, cuBLAS, gate-backward kernel)
+    triton          dpkernels on its Triton backend, the path chosen by shape (DPKERNELS_DIFF_LINEAR=auto)
+    triton-unfused  gate-apply kernel writing W in bf16, cuBLAS, cuBLAS dY^T X, gate-backward kernel
+    triton-fused    gates drawn inside Triton GEMM tile loads; weight gradient routed in the GEMM epilogue
+    cuda            dpkernels on the compiled extension (gate kernels + cuBLAS), when it is built
     fixed-mask      after projection to 0.5%: W = theta0 + scatter(values), weight gradient only at
                     the mask (sddmm) -- the fixed-mask finetuning stage (Triton backend on CUDA)
-Modes: forward, full (forward + backward, L0 gradient included in the L0 stage).
+Modes: forward, backward (the backward alone, graph retained), full (forward + backward; the L0
+gradient included in the L0 stage). The fused/unfused pair at several token counts is what sets
+the crossover of ops.FUSED_MAX_TOKENS.
 
-    python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 512,8192] [--shapes 4096x11008]
+    python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 64,512,8192] [--shapes 4096x11008]
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ def _providers(k: int, n: int, device: str):
         layer.log_alpha.normal_(0, 2)
     gated = [layer.diff, layer.log_alpha, layer.bias_diff, layer.bias_log_alpha]
 
-    def backend(name):
+    def backend(name, path="auto"):
         def fn(x):
             os.environ["DPKERNELS_BACKEND"] = name
-            return layer(x)
+            os.environ["DPKERNELS_DIFF_LINEAR"] = path
+            return layer(x), None
         return fn
 
     def reference_step(x, seed=1234):
@@ -61,11 +67,25 @@ def _providers(k: int, n: int, device: str):
 
     return {
         "nn.Linear": (lambda x: (linear(x), None), list(linear.parameters())),
-        "torch": (lambda x: (backend("torch")(x), None), gated),
+        "torch": (backend("torch"), gated),
         "torch.compile": (compiled, gated),
-        "triton": (lambda x: (backend("triton")(x), None), gated),
+        "triton": (backend("triton"), gated),
+        "triton-unfused": (backend("triton", "unfused"), gated),
+        "triton-fused": (backend("triton", "fused"), gated),
+        "cuda": (backend("cuda"), gated),
         "fixed-mask": (fixed_step, [fixed.diff_values, fixed.bias_diff_values]),
     }
+
+
+def _cuda_extension_loads() -> bool:
+    from dpkernels import backends
+
+    try:
+        backends.load("cuda")
+    except backends.BackendUnavailable as exc:
+        print(f"bench_diff_linear: no cuda provider ({exc})")
+        return False
+    return True
 
 
 def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers: list[str]) -> list[dict]:
@@ -83,38 +103,52 @@ def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers
                     with torch.autocast(device_type=device, dtype=torch.bfloat16):
                         return fn(x)
 
-                def full(fn=fn, params=params, x=x, gy=gy):
-                    for p in (x, *params):
-                        p.grad = None
+                def graph(fn=fn, x=x, gy=gy):
+                    """(outputs, their gradients) of one forward; the compiled reference adds E[L0] to the loss."""
                     y, penalty = forward(fn, x)
-                    outputs, grads = [y], [gy]
-                    if penalty is not None:  # the compiled reference adds E[L0] to the loss
-                        outputs.append(penalty)
-                        grads.append(torch.ones_like(penalty))
-                    torch.autograd.backward(outputs, grads)
+                    if penalty is None:
+                        return [y], [gy]
+                    return [y, penalty], [gy, torch.ones_like(penalty)]
 
-                for mode, case in (("forward", lambda: forward()), ("full", full)):
+                def backward(outputs, grads, params=params, x=x, retain=False):
+                    # autograd.grad, not .backward: no accumulation into .grad between repetitions
+                    return torch.autograd.grad(outputs, [x, *params], grads, retain_graph=retain)
+
+                def full():
+                    return backward(*graph())
+
+                def backward_only():
+                    outputs, grads = graph()
+                    return lambda: backward(outputs, grads, retain=True)
+
+                for mode in ("forward", "backward", "full"):
+                    case = forward if mode == "forward" else full if mode == "full" else backward_only()
                     with torch.no_grad() if mode == "forward" else torch.enable_grad():
                         ms, q20, q80, peak = measure(case, device)
+                    del case  # the retained graph of the backward mode
                     rows.append(dict(op="diff_linear", provider=name, mode=mode, shape=f"{m}x{k}->{n}",
                                      dtype="bf16-autocast", ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak,
                                      gbps=float("nan"), **env))
-    os.environ.pop("DPKERNELS_BACKEND", None)
+    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR"):
+        os.environ.pop(name, None)
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", default="512,8192")
+    parser.add_argument("--tokens", default="64,512,8192")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of KxN (in x out features)")
     parser.add_argument("--providers", default=None, help="default: all on CUDA; nn.Linear,torch on CPU")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args(argv)
     if args.device != "cuda":
         print("bench_diff_linear: no CUDA device; a CPU smoke run of nn.Linear and the torch backend only")
-    default = "nn.Linear,torch,torch.compile,triton,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
+    default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,fixed-mask" if args.device == "cuda" \
+        else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
+    if args.providers is None and args.device == "cuda" and _cuda_extension_loads():
+        providers.append("cuda")
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = run(args.device, tokens, shapes, providers)

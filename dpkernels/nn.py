@@ -96,7 +96,7 @@ class _GatedModule(nn.Module):
                              "add dpkernels.l0_penalty(model) to the loss instead")
         self.l, self.r, self.beta = float(l), float(r), float(beta)
         self.alpha_init, self.l0_lambda, self.structured = float(alpha_init), float(l0_lambda), bool(structured)
-        self.last_seed: int | None = None
+        self._seed: torch.Tensor | None = None
 
     def _make_gates(self, prefix: str, theta0: torch.Tensor | None) -> None:
         """(Re)create diff = 0, log_alpha = alpha_init (and the group gate) for one base tensor."""
@@ -122,12 +122,18 @@ class _GatedModule(nn.Module):
                            getattr(self, prefix + "diff_values"), getattr(self, prefix + "group_log_alpha"),
                            self.l, self.r, self.beta)
 
-    def _next_seed(self) -> int | None:
-        """A fresh seed per training forward from torch's default CPU generator (no device sync)."""
+    def _next_seed(self) -> torch.Tensor | None:
+        """A fresh seed per training forward from torch's default CPU generator: an int64 CPU scalar
+        tensor (no device sync, and no graph break or recompilation under torch.compile)."""
         if not self.training:
             return None
-        self.last_seed = int(torch.randint(0, (1 << 63) - 1, ()).item())
-        return self.last_seed
+        self._seed = torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64)
+        return self._seed
+
+    @property
+    def last_seed(self) -> int | None:
+        """The seed of the latest training forward, for replay with dpkernels.sample_gates."""
+        return None if self._seed is None else int(self._seed)
 
     def _scaled_diff(self, gt: GatedTensor, seed: int | None, group: int, n_elements: int) -> torch.Tensor:
         """diff, times the group gate z_g when structured (draw (seed, n_elements + group))."""
@@ -324,7 +330,7 @@ class GatedParameter(_GatedModule):
         self._configure(l, r, beta, alpha_init, l0_lambda, structured)
         self.numel = theta0.numel()
         self._make_gates("", theta0)
-        self.seed: int | None = None
+        self.seed: torch.Tensor | None = None  # this forward's seed (an int64 CPU scalar), drawn by the pre-hook
 
     def gated_tensor(self, name: str, theta0: torch.Tensor) -> GatedTensor:
         return self._gated(name, "", theta0)

@@ -134,6 +134,61 @@ def expected_l0(log_alpha, *, l=-1.5, r=1.5, beta=1.0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _seed_tensor(seed: int) -> torch.Tensor:
+    """The unsigned 64-bit seed as an int64 CPU scalar with the same bits (what the ops take)."""
+    return torch.tensor(seed - (1 << 64) if seed >= (1 << 63) else seed, dtype=torch.int64)
+
+
+def _seed_value(seed: torch.Tensor) -> int:
+    value = int(seed.item())
+    return value + (1 << 64) if value < 0 else value
+
+
+def _seed_arg(seed, training: bool) -> torch.Tensor:
+    """A public op's ``seed`` (an int in [-2**63, 2**64) or an int64 CPU scalar tensor) as the seed tensor.
+
+    A tensor passes through untouched, so that torch.compile neither reads nor specialises on it.
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
+            raise TypeError(f"a seed tensor must be one int64 on the CPU, got {seed.dtype} {tuple(seed.shape)} "
+                            f"on {seed.device}")
+        return seed.reshape(())
+    if not training:
+        return _seed_tensor(0)
+    if seed is None:
+        raise ValueError("training gates need a seed (or pass training=False for eval gates)")
+    return _seed_tensor(reference.normalize_seed(seed))
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder a custom op returns for an output it does not compute."""
+    return like.new_empty(0)
+
+
+def _fake_grads(inputs, needs, like) -> list[torch.Tensor]:
+    """A backward op's fake outputs: each needed input's gradient, placeholders for the others."""
+    return [torch.empty_like(t) if need and t is not None else _empty(like) for t, need in zip(inputs, needs,
+                                                                                             strict=True)]
+
+
+def _gate_apply_backward_impl(g, theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, needs):
+    """(grad_theta0, grad_diff, grad_log_alpha), None where not needed."""
+    grads = [g.to(theta0.dtype) if needs[0] else None, None, None]
+    if needs[1] or needs[2]:
+        backend = select("gate_apply", log_alpha.device, log_alpha.dtype)
+        grad_diff, grad_la = backend.gate_backward(g, diff, log_alpha, _seed_value(seed), offset, training, l, r, beta,
+                                                   l0_lambda)
+        grads[1], grads[2] = (grad_diff if needs[1] else None), (grad_la if needs[2] else None)
+    return grads
+
+
+def _gate_apply_impl(theta0, diff, log_alpha, seed, offset, training, l, r, beta, out_dtype):
+    backend = select("gate_apply", log_alpha.device, log_alpha.dtype)
+    return backend.gate_forward(log_alpha, _seed_value(seed), offset, training, l, r, beta, theta0=theta0, diff=diff,
+                                out_dtype=out_dtype)
+
+
 class GateApplyFunction(torch.autograd.Function):
     """Forward: eff = theta0 + z * diff in out_dtype (one kernel pass, gates drawn in-kernel).
 
@@ -143,24 +198,57 @@ class GateApplyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, out_dtype, backend):
-        eff = backend.gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=theta0, diff=diff,
-                                   out_dtype=out_dtype)
-        ctx.save_for_backward(diff, log_alpha)
-        ctx.gate_args = (seed, offset, training, l, r, beta, l0_lambda)
-        ctx.backend = backend
-        ctx.theta0_dtype = theta0.dtype
-        return eff
+    def forward(ctx, theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, out_dtype):
+        ctx.save_for_backward(theta0, diff, log_alpha, seed)
+        ctx.args = (offset, training, l, r, beta, l0_lambda)
+        return _gate_apply_impl(theta0, diff, log_alpha, seed, offset, training, l, r, beta, out_dtype)
 
     @staticmethod
     def backward(ctx, g):
-        diff, log_alpha = ctx.saved_tensors
-        needs_theta0, needs_diff, needs_la = ctx.needs_input_grad[:3]
-        grad_theta0 = g.to(ctx.theta0_dtype) if needs_theta0 else None
-        grad_diff = grad_la = None
-        if needs_diff or needs_la:
-            grad_diff, grad_la = ctx.backend.gate_backward(g, diff, log_alpha, *ctx.gate_args)
-        return (grad_theta0, grad_diff if needs_diff else None, grad_la if needs_la else None) + (None,) * 9
+        grads = _gate_apply_backward_impl(g, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[:3])
+        return (*grads,) + (None,) * 8
+
+
+@torch.library.custom_op("dpkernels::gate_apply", mutates_args=())
+def _gate_apply_op(theta0: torch.Tensor, diff: torch.Tensor, log_alpha: torch.Tensor, seed: torch.Tensor,
+                   offset: int, training: bool, l: float, r: float, beta: float, l0_lambda: float,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    return _gate_apply_impl(theta0, diff, log_alpha, seed, offset, training, l, r, beta, out_dtype)
+
+
+@_gate_apply_op.register_fake
+def _(theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, out_dtype):
+    return theta0.new_empty(theta0.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("dpkernels::gate_apply_backward", mutates_args=())
+def _gate_apply_backward_op(g: torch.Tensor, theta0: torch.Tensor, diff: torch.Tensor, log_alpha: torch.Tensor,
+                            seed: torch.Tensor, offset: int, training: bool, l: float, r: float, beta: float,
+                            l0_lambda: float, needs: list[bool]) -> list[torch.Tensor]:
+    grads = _gate_apply_backward_impl(g, theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda,
+                                      needs)
+    # grad_theta0 is g itself when the dtypes agree; a custom op's output must not alias its input.
+    return [_empty(diff) if t is None else t.clone() if t is g else t for t in grads]
+
+
+@_gate_apply_backward_op.register_fake
+def _(g, theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, needs):
+    return _fake_grads((theta0, diff, log_alpha), needs, diff)
+
+
+def _gate_apply_setup_context(ctx, inputs, output):
+    theta0, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, _ = inputs
+    ctx.save_for_backward(theta0, diff, log_alpha, seed)
+    ctx.args = (offset, training, l, r, beta, l0_lambda)
+
+
+def _gate_apply_op_backward(ctx, g):
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.dpkernels.gate_apply_backward(g, *ctx.saved_tensors, *ctx.args, needs)
+    return (*[t if need else None for t, need in zip(grads, needs, strict=True)],) + (None,) * 8
+
+
+_gate_apply_op.register_autograd(_gate_apply_op_backward, setup_context=_gate_apply_setup_context)
 
 
 def gate_apply(theta0, diff, log_alpha, *, seed=None, offset=0, training=True, l=-1.5, r=1.5, beta=1.0,
@@ -171,22 +259,20 @@ def gate_apply(theta0, diff, log_alpha, *, seed=None, offset=0, training=True, l
     out_dtype, so a bf16 effective weight is the correctly rounded bf16 of the exact sum.
     ``l0_lambda`` adds l0_lambda * dE[L0]/dlog_alpha to log_alpha's gradient on every backward,
     as if ``l0_lambda * expected_l0(log_alpha)`` were added to the loss of this forward.
+    ``seed``: an int or an int64 CPU scalar tensor (see :func:`diff_linear`). Under torch.compile
+    the call is the custom op ``dpkernels::gate_apply``.
     """
     _check_gated(("theta0", "diff", "log_alpha"), theta0, diff, log_alpha)
     check_gate_config(l, r, beta)
     offset = _check_offset(offset, theta0.numel())
-    if training:
-        if seed is None:
-            raise ValueError("training gates need a seed (or pass training=False for eval gates)")
-        seed = reference.normalize_seed(seed)
-    else:
-        seed = 0
+    seed = _seed_arg(seed, training)
     if check_finite_log_alpha or (check_finite_log_alpha is None and _finite_check_default()):
         check_finite("log_alpha", log_alpha)
-    out_dtype = out_dtype or theta0.dtype
-    backend = select("gate_apply", log_alpha.device, log_alpha.dtype)
-    return GateApplyFunction.apply(theta0, diff, log_alpha, seed, offset, bool(training), float(l), float(r),
-                                   float(beta), float(l0_lambda), out_dtype, backend)
+    args = (theta0, diff, log_alpha, seed, offset, bool(training), float(l), float(r), float(beta), float(l0_lambda),
+            out_dtype or theta0.dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.dpkernels.gate_apply(*args)
+    return GateApplyFunction.apply(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,39 +280,226 @@ def gate_apply(theta0, diff, log_alpha, *, seed=None, offset=0, training=True, l
 # --------------------------------------------------------------------------------------------
 
 
-def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha=None, *, seed=None,
-                training=True, l=-1.5, r=1.5, beta=1.0, l0_lambda=0.0, check_finite_log_alpha=None):
-    """y = x (weight + z * diff)^T + (bias + z_b * bias_diff), like F.linear.
+_PATH_ENV = "DPKERNELS_DIFF_LINEAR"
+# Token counts up to this take the fused path under auto. Bytes model, pending a GPU measurement:
+# the fused GEMM re-reads theta0 (2 B in bf16), diff and log_alpha (4 B each) and redraws the gate
+# once per row block of the output, the unfused path reads them once (+ writes and re-reads a bf16
+# W, 14 B per weight element in all) and pays one launch more. With one row block (M <= 64) the
+# fused path moves fewer bytes; with two or more it moves more and spends 2x the Philox work.
+FUSED_MAX_TOKENS = 64
 
-    Weight gates are sample_gates(log_alpha, seed); bias gates are sample_gates(bias_log_alpha,
-    seed, offset=weight.numel()); eval gates when not training. The effective weight is written
-    once in the compute dtype (x's, or the autocast dtype) and multiplied with cuBLAS; the backward
-    turns dLoss/dW (from autograd's matmul) into grad_diff and grad_log_alpha in one pass.
-    ``bias_diff``/``bias_log_alpha`` None: the bias (if any) is used as is, ungated.
+
+def linear_path() -> str:
+    """DPKERNELS_DIFF_LINEAR: auto (by shape), fused (gates inside the GEMMs), unfused (gate passes + cuBLAS)."""
+    choice = os.environ.get(_PATH_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "fused", "unfused"):
+        raise ValueError(f"{_PATH_ENV}={choice!r} is not one of auto, fused, unfused")
+    return choice
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # compute dtypes of the fused GEMMs
+
+
+def _fused_diff_linear(backend, tokens: int, compute_dtype: torch.dtype) -> bool:
+    """Whether this call takes the fused kernels (backends that have them: triton)."""
+    choice = linear_path()
+    has_fused = hasattr(backend, "gated_linear") and compute_dtype in _FUSED_DTYPES
+    if choice == "fused" and not has_fused:
+        raise ValueError(f"{_PATH_ENV}=fused needs the triton backend and fp32/fp16/bf16 activations (got the "
+                         f"{backend.__name__.rsplit('.', 1)[-1]} backend and {compute_dtype})")
+    return has_fused and (choice == "fused" or (choice == "auto" and tokens <= FUSED_MAX_TOKENS))
+
+
+def _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training,
+                              l, r, beta, fused):
+    """(y, W or an empty placeholder) for 2-D x in the compute dtype; W saved for backward when unfused."""
+    seed, cdt = _seed_value(seed), x.dtype
+    b_eff = None
+    if bias is not None:
+        b_eff = bias.to(cdt) if bias_diff is None else backend.gate_forward(
+            bias_log_alpha, seed, weight.numel(), training, l, r, beta, theta0=bias, diff=bias_diff, out_dtype=cdt)
+    if fused:
+        y = backend.gated_linear(x, weight.contiguous(), diff.contiguous(), log_alpha.contiguous(), b_eff, seed, 0,
+                                 training, l, r, beta)
+        return y, _empty(x)
+    w_eff = backend.gate_forward(log_alpha, seed, 0, training, l, r, beta, theta0=weight, diff=diff, out_dtype=cdt)
+    return F.linear(x, w_eff, b_eff), w_eff
+
+
+def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha,
+                               seed, training, l, r, beta, l0_lambda, fused, needs):
+    """Gradients (x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha); None where not needed."""
+    seed = _seed_value(seed)
+    gates = (seed, 0, training, l, r, beta)
+    gy = grad_y.to(x.dtype)
+    grad = [None] * 7
+    if needs[0]:
+        grad[0] = gy @ w_eff if not fused else backend.gated_linear_grad_input(
+            gy, weight.contiguous(), diff.contiguous(), log_alpha.contiguous(), *gates)
+    route = needs[3] or needs[4]
+    if needs[1] or (route and not fused):
+        dense = gy.t() @ x  # dLoss/dW in the compute dtype, as nn.Linear's backward forms it
+        if needs[1]:
+            grad[1] = dense.to(weight.dtype)
+        if route and not fused:
+            grad[3], grad[4] = backend.gate_backward(dense, diff, log_alpha, *gates, l0_lambda)
+    if route and fused:
+        grad[3], grad[4] = backend.gated_linear_grad_weight(gy, x, diff.contiguous(), log_alpha.contiguous(), *gates,
+                                                            l0_lambda)
+    if bias is not None and (needs[2] or needs[5] or needs[6]):
+        gb = gy.sum(0)
+        if needs[2]:
+            grad[2] = gb.to(bias.dtype)
+        if needs[5] or needs[6]:
+            grad[5], grad[6] = backend.gate_backward(gb, bias_diff, bias_log_alpha, seed, weight.numel(), training,
+                                                     l, r, beta, l0_lambda)
+    return grad
+
+
+class DiffLinearFunction(torch.autograd.Function):
+    """Eager autograd for 2-D x already in the compute dtype (see :func:`diff_linear`).
+
+    Forward: y = x W^T + b_eff, W = theta0 + z diff rounded once to the compute dtype, either
+    written by one gate pass and multiplied by cuBLAS (unfused; W is saved for dX) or rebuilt tile
+    by tile inside a Triton GEMM (fused; nothing weight-sized is saved). Backward, g = dY^T X:
+    dX = dY W (cuBLAS on the saved W, or the fused GEMM); grad_diff = g z, grad_log_alpha =
+    g diff dz/dlog_alpha + l0_lambda p (1 - p), from the dense g and one gate pass (unfused) or in the
+    epilogue of the g GEMM (fused); the bias likewise from the token sum of dY.
     """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta,
+                l0_lambda, fused):
+        ctx.backend = select("diff_linear", diff.device, diff.dtype)
+        y, w_eff = _diff_linear_forward_impl(ctx.backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha,
+                                             seed, training, l, r, beta, fused)
+        ctx.save_for_backward(x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha, seed)
+        ctx.args = (training, l, r, beta, l0_lambda, fused)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved = ctx.saved_tensors
+        grads = _diff_linear_backward_impl(ctx.backend, grad_y, *saved, *ctx.args, ctx.needs_input_grad[:7])
+        return (*grads, None, None, None, None, None, None, None)
+
+
+# torch.compile sees the same computation as two custom ops (opaque to tracing, so the backend
+# dispatch and the kernel launches stay out of the graph) with an autograd formula.
+_GRAD_NAMES = ("x", "weight", "bias", "diff", "log_alpha", "bias_diff", "bias_log_alpha")
+
+
+@torch.library.custom_op("dpkernels::diff_linear", mutates_args=())
+def _diff_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, diff: torch.Tensor,
+                    log_alpha: torch.Tensor, bias_diff: torch.Tensor | None, bias_log_alpha: torch.Tensor | None,
+                    seed: torch.Tensor, training: bool, l: float, r: float, beta: float, l0_lambda: float,
+                    fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = select("diff_linear", diff.device, diff.dtype)
+    return _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed,
+                                     training, l, r, beta, fused)
+
+
+@_diff_linear_op.register_fake
+def _(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta, l0_lambda, fused):
+    w_eff = x.new_empty(0) if fused else x.new_empty(weight.shape)
+    return x.new_empty((x.shape[0], weight.shape[0])), w_eff
+
+
+@torch.library.custom_op("dpkernels::diff_linear_backward", mutates_args=())
+def _diff_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             w_eff: torch.Tensor, diff: torch.Tensor, log_alpha: torch.Tensor,
+                             bias_diff: torch.Tensor | None, bias_log_alpha: torch.Tensor | None, seed: torch.Tensor,
+                             training: bool, l: float, r: float, beta: float, l0_lambda: float, fused: bool,
+                             needs: list[bool]) -> list[torch.Tensor]:
+    backend = select("diff_linear", diff.device, diff.dtype)
+    grads = _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff,
+                                       bias_log_alpha, seed, training, l, r, beta, l0_lambda, fused, needs)
+    return [g if g is not None else _empty(diff) for g in grads]
+
+
+@_diff_linear_backward_op.register_fake
+def _(grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta,
+      l0_lambda, fused, needs):
+    return _fake_grads((x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha), needs, diff)
+
+
+def _diff_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, *args = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], diff, log_alpha, bias_diff, bias_log_alpha, seed)
+    ctx.args = tuple(args)
+
+
+def _diff_linear_op_backward(ctx, grad_y, _grad_w_eff):
+    needs = list(ctx.needs_input_grad[:7])
+    grads = torch.ops.dpkernels.diff_linear_backward(grad_y, *ctx.saved_tensors, *ctx.args, needs)
+    return (*[g if need else None for g, need in zip(grads, needs, strict=True)], None, None, None, None, None, None,
+            None)
+
+
+_diff_linear_op.register_autograd(_diff_linear_op_backward, setup_context=_diff_linear_setup_context)
+
+
+def _check_diff_linear(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha) -> None:
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     _check_linear_shapes(x, weight)
+    _check_gated(("weight", "diff", "log_alpha"), weight, diff, log_alpha)
     if bias is not None:
         _check_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     if (bias_diff is None) != (bias_log_alpha is None):
         raise ValueError("pass both bias_diff and bias_log_alpha, or neither")
-    if bias_diff is not None and bias is None:
-        raise ValueError("bias_diff given for a layer without bias")
-    cdt = _compute_dtype(x)
-    gates = dict(seed=seed, training=training, l=l, r=r, beta=beta, l0_lambda=l0_lambda, out_dtype=cdt,
-                 check_finite_log_alpha=check_finite_log_alpha)
-    _check_gated(("weight", "diff", "log_alpha"), weight, diff, log_alpha)
-    w_eff = gate_apply(weight, diff, log_alpha, **gates)
-    b_eff = bias
     if bias_diff is not None:
+        if bias is None:
+            raise ValueError("bias_diff given for a layer without bias")
         _check_gated(("bias", "bias_diff", "bias_log_alpha"), bias, bias_diff, bias_log_alpha)
-        b_eff = gate_apply(bias, bias_diff, bias_log_alpha, offset=weight.numel(), **gates)
-    elif bias is not None:
-        b_eff = bias.to(cdt)
-    return F.linear(x.to(cdt), w_eff, b_eff)
+        if bias_diff.dtype != diff.dtype:
+            raise TypeError(f"bias_diff ({bias_diff.dtype}) and diff ({diff.dtype}) must share a dtype")
+
+
+def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha=None, *, seed=None,
+                training=True, l=-1.5, r=1.5, beta=1.0, l0_lambda=0.0, check_finite_log_alpha=None):
+    """y = x (weight + z * diff)^T + (bias + z_b * bias_diff), like F.linear.
+
+    Weight gates are sample_gates(log_alpha, seed); bias gates are sample_gates(bias_log_alpha,
+    seed, offset=weight.numel()); eval gates when not training. ``seed``: an int in [0, 2**64) or
+    an int64 scalar CPU tensor holding its bits (what DiffLinear passes, so that torch.compile
+    does not specialise on it). ``bias_diff``/``bias_log_alpha`` None: the bias is used as is.
+    ``l0_lambda`` adds l0_lambda * dE[L0]/dlog_alpha of both gate sets to the backward.
+
+    Precision: the compute dtype is x's, or the autocast dtype. The effective weight
+    theta0 + z * diff is formed in fp32 and rounded once to the compute dtype, on both paths: a
+    bf16 layer multiplies the correctly rounded bf16 of the exact effective weight, the same
+    matrix nn.Linear would multiply after a merge, and the GEMMs accumulate in fp32. diff and
+    log_alpha and their gradients stay fp32; the weight gradient g = dY^T X is the compute dtype's
+    GEMM output on the unfused path and the fp32 accumulator on the fused path.
+
+    Paths (``DPKERNELS_DIFF_LINEAR`` = auto | fused | unfused, see :data:`FUSED_MAX_TOKENS`): the
+    unfused path writes the effective weight once and uses cuBLAS (saving that compute-dtype
+    weight for dX, as nn.Linear saves its weight); the fused path (triton backend) draws the gates
+    inside the GEMMs' tile loads and routes the weight gradient in the GEMM's epilogue, so nothing
+    weight-sized is written or saved. Under torch.compile the call is the custom op
+    ``dpkernels::diff_linear`` (no graph break).
+    """
+    _check_diff_linear(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha)
+    check_gate_config(l, r, beta)
+    seed_t = _seed_arg(seed, training)
+    if check_finite_log_alpha or (check_finite_log_alpha is None and _finite_check_default()):
+        check_finite("log_alpha", log_alpha)
+        if bias_log_alpha is not None:
+            check_finite("bias_log_alpha", bias_log_alpha)
+    lead, k, n = x.shape[:-1], weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, k).to(_compute_dtype(x))
+    backend = select("diff_linear", diff.device, diff.dtype)
+    fused = _fused_diff_linear(backend, x2.shape[0], x2.dtype)
+    args = (x2, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed_t, bool(training), float(l), float(r),
+            float(beta), float(l0_lambda), fused)
+    if torch.compiler.is_compiling():
+        y = torch.ops.dpkernels.diff_linear(*args)[0]
+    else:
+        y = DiffLinearFunction.apply(*args)
+    return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
 # --------------------------------------------------------------------------------------------

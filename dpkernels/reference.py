@@ -43,6 +43,9 @@ __all__ = [
     "expected_l0_grad",
     "gate_forward",
     "gate_backward",
+    "gated_linear",
+    "gated_linear_grad_input",
+    "gated_linear_grad_weight",
     "effective_weight",
     "diff_linear",
     "diff_linear_backward",
@@ -272,6 +275,25 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
         if grad_log_alpha is not None:
             gla = grad_log_alpha.add_(gla)
         return gw, gla
+
+
+def gated_linear(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta):
+    """Fused-path primitive: y = x W^T + bias, W = theta0 + z * diff rounded once to x's dtype."""
+    w = gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=theta0, diff=diff, out_dtype=x.dtype)
+    return F.linear(x, w, bias)
+
+
+def gated_linear_grad_input(grad_y, theta0, diff, log_alpha, seed, offset, training, l, r, beta):
+    """Fused-path primitive: dX = dY W with W as in :func:`gated_linear`."""
+    w = gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=theta0, diff=diff,
+                     out_dtype=grad_y.dtype)
+    return grad_y @ w
+
+
+def gated_linear_grad_weight(grad_y, x, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0):
+    """Fused-path primitive: gate_backward of G = dY^T X, G formed in diff's precision."""
+    g = grad_y.to(diff.dtype).t() @ x.to(diff.dtype)
+    return gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda)
 
 
 # --------------------------------------------------------------------------------------------

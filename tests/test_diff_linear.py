@@ -31,6 +31,16 @@ def _params(lead, k, n, bias, device, dtype=torch.float32, seed=0):
 TRAINABLE = ("x", "diff", "log_alpha", "bias_diff", "bias_log_alpha")
 
 
+@pytest.fixture(autouse=True, params=["unfused", "fused"])
+def linear_path(request, monkeypatch):
+    """Every test on both diff-linear paths where the backend has both (triton); once elsewhere."""
+    backend = request.getfixturevalue("device_backend")[1] if "device_backend" in request.fixturenames else None
+    if request.param == "fused" and backend != "triton":
+        pytest.skip("only the triton backend has the fused path")
+    monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", request.param)
+    return request.param
+
+
 def _run(fn, p, *, seed, training, l0_lambda, trainable=TRAINABLE):
     """Forward, loss = <y, gy> + l0_lambda * E[L0] (when fn has no fused L0), and the gradients."""
     leaves = {k: v.detach().clone().requires_grad_(k in trainable) for k, v in p.items() if k != "gy"}

@@ -19,8 +19,10 @@ def _trained_like(layer: DiffLinear, seed=0):
     return layer
 
 
-def test_from_linear_starts_as_the_pretrained_layer(device_backend):
-    device, _ = device_backend
+def test_from_linear_starts_as_the_pretrained_layer(device_backend, monkeypatch):
+    device, backend = device_backend
+    # The unfused path multiplies the same weight with the same GEMM as nn.Linear: bit for bit.
+    monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "unfused")
     linear = nn.Linear(41, 9, device=device)
     layer = DiffLinear.from_linear(linear)
     assert layer.weight.data_ptr() == linear.weight.data_ptr()  # shared base, no copy
@@ -31,6 +33,9 @@ def test_from_linear_starts_as_the_pretrained_layer(device_backend):
     for mode in (True, False):
         layer.train(mode)
         torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)  # diff = 0: exactly the base
+    if backend == "triton":  # the fused Triton GEMM: the same weight, another summation order
+        monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "fused")
+        torch.testing.assert_close(layer(x), linear(x))
 
 
 def test_trainable_parameters_are_the_diff_and_gates():

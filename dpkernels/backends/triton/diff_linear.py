@@ -1,0 +1,240 @@
+"""Fused Triton diff linear: gate sampling inside the GEMMs, no effective weight in memory.
+
+The weight W (N, K) of a diff-pruned linear layer is never stored: a weight tile is rebuilt from
+the frozen base, the diff and log_alpha where the GEMM loads it, with the gate drawn from
+(seed, offset + e) for its flat index e = n * K + k (the draws of ``gate_forward``)::
+
+    W[n, k] = round_cdt(theta0[n, k] + z[n, k] * diff[n, k])      (fp32 sum, one rounding)
+
+The rounding to the compute dtype cdt (x's dtype) is the one the unfused path applies when it
+writes W, so both paths multiply the same bf16/fp16/fp32 weight; only the summation order of
+the GEMM differs.
+
+Forward (``gated_linear``) and input gradient (``gated_linear_grad_input``), one kernel::
+
+    y  = x  W^T + b        A = x  (M, K), B[q=k, p=n] = W[n, k]
+    dX = dY W              A = dY (M, N), B[q=n, p=k] = W[n, k]
+
+Weight gradient with the gate routing in the epilogue (``gated_linear_grad_weight``)::
+
+    G = dY^T X  (fp32 accumulator, never written)
+    grad_diff = G z,   grad_log_alpha = G diff dz/dlog_alpha + l0_lambda p (1 - p)
+
+When each weight tile is re-read by many row blocks (large M) the rebuild's cost (Philox and
+three loads per element per row block) exceeds one gate-apply pass plus cuBLAS; ops.diff_linear
+picks the path per shape (see ``ops._fused_diff_linear``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...reference import l0_shift as _l0_shift
+from .gates import _hard_concrete, _signed_seed
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names: tuple[str, str, str], sizes) -> list[triton.Config]:
+    return [triton.Config(dict(zip(names, (a, b, c), strict=True)), num_warps=w, num_stages=s)
+            for a, b, c, w, s in sizes]
+
+
+# (rows, cols, reduction, warps, stages). Small row blocks for decoding-sized M.
+_MATMUL_SIZES = [(16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                 (128, 64, 64, 4, 4), (128, 128, 64, 8, 3)]
+_WGRAD_SIZES = [(64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3)]
+_INTERPRETER_SIZES = (16, 16, 16)  # the interpreter runs blocks in numpy: small blocks, no tuning
+
+
+@triton.jit
+def _grouped_tile(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """Tile (row, col) of program `pid`, GROUP row tiles at a time so that they share L2."""
+    tiles_r = tl.cdiv(n_rows, BLOCK_R)
+    tiles_c = tl.cdiv(n_cols, BLOCK_C)
+    per_group = GROUP * tiles_c
+    first_r = (pid // per_group) * GROUP
+    group_r = tl.minimum(tiles_r - first_r, GROUP)
+    return first_r + (pid % per_group) % group_r, (pid % per_group) // group_r
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "M", "M_BUCKET"])
+def _gated_matmul_kernel(
+    A_ptr,  # activations (M, Q), compute dtype; any strides
+    THETA0_ptr,  # frozen base W0, any float dtype, contiguous (N, K)
+    DIFF_ptr,  # diff magnitudes, fp32, contiguous (N, K)
+    LA_ptr,  # log_alpha, fp32, contiguous (N, K)
+    BIAS_ptr,  # effective bias (P,), compute dtype (unused unless HAS_BIAS)
+    OUT_ptr,  # output (M, P), compute dtype
+    M, P, Q,  # out = A @ B: (M, Q) @ (Q, P)
+    M_BUCKET,  # next power of two of M: the autotuning key (unused in the body)
+    stride_am, stride_aq,
+    stride_bq, stride_bp,  # flat-index steps of the weight seen as B[q, p]: (1, K) forward, (K, 1) for dX
+    stride_om, stride_op,
+    seed,  # Philox key, int64 two's complement of the unsigned seed
+    offset,  # Philox counter of weight element 0
+    l, r, beta,  # gate constants
+    TRAINING: tl.constexpr,  # sampled gates vs eval gates
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong)
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_p = _grouped_tile(tl.program_id(0), M, P, BLOCK_M, BLOCK_P, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_in, p_in = rm < M, rp < P
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q).to(tl.int64)
+        q_in = rq < Q
+        a = tl.load(A_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq, mask=m_in[:, None] & q_in[None, :],
+                    other=0.0)
+        e = rq[:, None] * stride_bq + rp[None, :] * stride_bp
+        b_in = q_in[:, None] & p_in[None, :]
+        la = tl.load(LA_ptr + e, mask=b_in, other=0.0)
+        z, _ = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING)
+        w = tl.load(DIFF_ptr + e, mask=b_in, other=0.0)
+        b = (tl.load(THETA0_ptr + e, mask=b_in, other=0.0).to(tl.float32) + z * w).to(A_ptr.dtype.element_ty)
+        if DOT_FP32:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS_ptr + rp, mask=p_in, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, acc.to(OUT_ptr.dtype.element_ty),
+             mask=m_in[:, None] & p_in[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "M", "M_BUCKET"])
+def _gated_wgrad_kernel(
+    GY_ptr,  # dLoss/dy (M, N), compute dtype; any strides
+    X_ptr,  # input (M, K), compute dtype; any strides
+    DIFF_ptr,  # diff, fp32, contiguous (N, K)
+    LA_ptr,  # log_alpha, fp32, contiguous (N, K)
+    GRAD_DIFF_ptr,  # out: grad of diff, fp32, contiguous (N, K)
+    GRAD_LA_ptr,  # out: grad of log_alpha, fp32, contiguous (N, K)
+    M, N, K,
+    M_BUCKET,  # next power of two of M: the autotuning key (unused in the body)
+    stride_gm, stride_gn,
+    stride_xm, stride_xk,
+    seed, offset, l, r, beta,  # the forward's gate draw
+    l0_lambda,  # weight of the fused E[L0] gradient
+    l0_shift,  # beta * log(-l / r)
+    TRAINING: tl.constexpr,
+    HAS_L0: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_in, k_in = rn < N, rk < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_in = rm < M
+        gy_t = tl.load(GY_ptr + rm[None, :] * stride_gm + rn[:, None] * stride_gn, mask=n_in[:, None] & m_in[None, :],
+                       other=0.0)
+        x = tl.load(X_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(gy_t.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(gy_t, x, input_precision=PRECISION)
+    # Epilogue: the gate routing of gate_backward on the fp32 accumulator.
+    e = rn[:, None] * K + rk[None, :]
+    inside = n_in[:, None] & k_in[None, :]
+    la = tl.load(LA_ptr + e, mask=inside, other=0.0)
+    w = tl.load(DIFF_ptr + e, mask=inside, other=0.0)
+    z, dz = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING)
+    grad_la = acc * w * dz
+    if HAS_L0:
+        p = tl.sigmoid(la - l0_shift)
+        grad_la += l0_lambda * p * (1.0 - p)
+    tl.store(GRAD_DIFF_ptr + e, acc * z, mask=inside)
+    tl.store(GRAD_LA_ptr + e, grad_la, mask=inside)
+
+
+if _INTERPRETED:
+    _matmul, _wgrad = _gated_matmul_kernel, _gated_wgrad_kernel
+    _MATMUL_BLOCKS = dict(zip(("BLOCK_M", "BLOCK_P", "BLOCK_Q"), _INTERPRETER_SIZES, strict=True))
+    _WGRAD_BLOCKS = dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _INTERPRETER_SIZES, strict=True))
+else:  # autotuned per shape; M is keyed by its power-of-two bucket so that batches of one size share a choice
+    _matmul = triton.autotune(_configs(("BLOCK_M", "BLOCK_P", "BLOCK_Q"), _MATMUL_SIZES),
+                              key=["M_BUCKET", "P", "Q", "stride_bq"])(_gated_matmul_kernel)
+    _wgrad = triton.autotune(_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _WGRAD_SIZES),
+                             key=["M_BUCKET", "N", "K"])(_gated_wgrad_kernel)
+    _MATMUL_BLOCKS = _WGRAD_BLOCKS = {}
+
+
+def _precision(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_FP32, PRECISION): fp32 operands use tf32 only where torch's matmul allows it (the
+    precision is moot for bf16/fp16 operands: Triton's default stays)."""
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return _INTERPRETED, "ieee" if ieee else "tf32"
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta, *, transposed):
+    m, q = a.shape
+    n, k = theta0.shape
+    p = n if not transposed else k
+    out = torch.empty((m, p), dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    if q == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand_as(out))
+    strides = (1, k) if not transposed else (k, 1)
+    dot_fp32, precision = _precision(a.dtype)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)  # noqa: E731
+    _matmul[grid](
+        a, theta0, diff, log_alpha, bias if bias is not None else out, out, m, p, q, _bucket(m),
+        a.stride(0), a.stride(1), *strides, out.stride(0), out.stride(1),
+        _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
+        TRAINING=bool(training), HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=precision, GROUP_M=8,
+        **_MATMUL_BLOCKS,
+    )
+    return out
+
+
+def gated_linear(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta):
+    """y = x W^T + bias with W = round_{x.dtype}(theta0 + z * diff) rebuilt tile by tile.
+
+    x (M, K) in the compute dtype; theta0, diff, log_alpha contiguous (N, K); bias the effective
+    bias (N,) in the compute dtype or None.
+    """
+    return _gated_matmul(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta, transposed=False)
+
+
+def gated_linear_grad_input(grad_y, theta0, diff, log_alpha, seed, offset, training, l, r, beta):
+    """dX = dY W (M, K) with W rebuilt as in the forward; grad_y (M, N) in the compute dtype."""
+    return _gated_matmul(grad_y, theta0, diff, log_alpha, None, seed, offset, training, l, r, beta, transposed=True)
+
+
+def gated_linear_grad_weight(grad_y, x, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0):
+    """(grad_diff, grad_log_alpha) from G = dY^T X routed in the GEMM's epilogue; G stays in registers."""
+    m, n = grad_y.shape
+    k = x.shape[1]
+    grad_diff, grad_log_alpha = torch.empty_like(diff), torch.empty_like(log_alpha)
+    if grad_diff.numel() == 0:
+        return grad_diff, grad_log_alpha
+    dot_fp32, precision = _precision(x.dtype)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    _wgrad[grid](
+        grad_y, x, diff, log_alpha, grad_diff, grad_log_alpha, m, n, k, _bucket(m),
+        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
+        _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
+        float(l0_lambda), _l0_shift(l, r, beta),
+        TRAINING=bool(training), HAS_L0=bool(l0_lambda), DOT_FP32=dot_fp32, PRECISION=precision, GROUP_N=8,
+        **_WGRAD_BLOCKS,
+    )
+    return grad_diff, grad_log_alpha
