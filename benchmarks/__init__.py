@@ -1,1 +1,1 @@
-"""dpkernels benchmarks: dense vs gated, layer by layer (run as python -m benchmarks.bench_NAME)."""
+"""dpkernels benchmarks: dense vs gated, layer by layer and whole model (python -m benchmarks)."""

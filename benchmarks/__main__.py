@@ -11,14 +11,16 @@ options they all take, such as ``--providers``).
 
 On CUDA every benchmark runs its full GPU configuration. Without CUDA the suite runs the
 CPU-meaningful subset, a smoke run that says so: the torch providers only, one BERT-base-sized
-layer (768x3072) for the layer benchmarks and bench_switch's small model -- CPU times prove the
+layer (768x3072) for the layer benchmarks, bench_switch's small model, and a tiny BERT (2 layers,
+hidden 64, batch 4, sequence 32) for the whole-model step and inference -- CPU times prove the
 code runs end to end and say nothing about the GPU kernels. ``--quick`` shrinks every benchmark to
 toy sizes (seconds; what the tests run).
 
 Writes, in --out: each benchmark's own ``bench_NAME.csv/json``, ``suite.csv/json`` (every row, the
 schema of ``benchmarks/common.py``), and with matplotlib installed ``bench_NAME.png`` (median time
 per shape, one line per provider, a panel per mode; plus peak memory on CUDA) and
-``bench_diff_linear_speedup.png`` (time relative to nn.Linear).
+``bench_NAME_speedup.png`` for the benchmarks with a dense baseline (bench_diff_linear: time relative
+to nn.Linear; bench_model_step: relative to full finetuning).
 """
 
 from __future__ import annotations
@@ -43,12 +45,18 @@ CPU_SMOKE = {
     "gates": ["--shapes", "768x3072"],
     "diff_linear": ["--tokens", "128", "--shapes", "768x3072"],
     "switch": [],  # bench_switch picks its small configuration on CPU itself
+    "model_step": [],  # the model benchmarks pick their tiny preset on CPU themselves
+    "inference": [],
 }
 QUICK = {
     "gates": ["--shapes", "16x24"],
     "diff_linear": ["--tokens", "4", "--shapes", "16x24"],
     "switch": ["--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "50"],
+    "model_step": ["--models", "toy", "--reps", "2"],
+    "inference": ["--models", "toy", "--reps", "2"],
 }
+# Provider whose time the others are divided by in bench_NAME_speedup.png (the dense baseline).
+SPEEDUP_BASELINES = ("nn.Linear", "full")
 
 
 def available() -> dict[str, str]:
@@ -130,7 +138,8 @@ def main(argv=None, *, prog: str | None = None) -> int:
               "nothing)")
     elif device == "cpu":
         print("benchmark suite: no CUDA device, so running the CPU smoke subset (torch providers only, one "
-              "768x3072 layer, bench_switch's small model); CPU times say nothing about the GPU kernels")
+              "768x3072 layer, bench_switch's small model, a tiny BERT for the model step and inference); CPU "
+              "times say nothing about the GPU kernels")
     else:
         print(f"benchmark suite: full GPU configuration on {torch.cuda.get_device_name()}")
     os.makedirs(args.out, exist_ok=True)
@@ -198,7 +207,8 @@ _WARNED = []
 
 def plot(rows: list[dict], name: str, out: str) -> list[str]:
     """bench_NAME.png (median ms per shape, a line per provider, a panel per mode; peak memory below
-    when measured) and, for bench_diff_linear, the time relative to nn.Linear. Returns the paths."""
+    when measured) and, where a dense baseline provider (SPEEDUP_BASELINES) ran, the time relative
+    to it. Returns the paths."""
     plt = _pyplot()
     if plt is None:
         if not _WARNED:
@@ -206,12 +216,12 @@ def plot(rows: list[dict], name: str, out: str) -> list[str]:
             _WARNED.append(True)
         return []
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     has_memory = any(_finite(r.get("peak_mb")) for r in rows)
     n_rows = 2 if has_memory else 1
     fig, axes = plt.subplots(n_rows, len(modes), figsize=(4.5 * len(modes) + 1, 3.6 * n_rows), squeeze=False)
     for j, mode in enumerate(modes):
+        shapes = _shapes(rows, mode)
         for metric, i, label in (("ms", 0, "median ms (log)"), ("peak_mb", 1, "peak MB")):
             if i >= n_rows:
                 continue
@@ -228,25 +238,33 @@ def plot(rows: list[dict], name: str, out: str) -> list[str]:
             ax.set_title(f"{name}: {mode}" + (" (memory)" if i else ""), fontsize=10)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[0]:  # a legend per mode: the modes may have different providers
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     device = rows[0].get("device", "")
     fig.suptitle(f"bench_{name} on {device} ({rows[0].get('date', '')}, {rows[0].get('commit', '')})", fontsize=10)
     fig.tight_layout()
     paths = [os.path.join(out, f"bench_{name}.png")]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
-    if any(r["provider"] == "nn.Linear" for r in rows):
-        paths += _speedup_plot(plt, rows, name, out, modes, shapes, providers)
+    baseline = next((b for b in SPEEDUP_BASELINES if any(r["provider"] == b for r in rows)), None)
+    if baseline is not None:
+        paths += _speedup_plot(plt, rows, name, out, modes, providers, baseline)
     return paths
 
 
-def _speedup_plot(plt, rows, name, out, modes, shapes, providers) -> list[str]:
+def _shapes(rows: list[dict], mode: str) -> list[str]:
+    """The shapes measured in `mode`, in row order (the x axis of that mode's panel)."""
+    return list(dict.fromkeys(r["shape"] for r in rows if r["mode"] == mode))
+
+
+def _speedup_plot(plt, rows, name, out, modes, providers, baseline) -> list[str]:
     fig, axes = plt.subplots(1, len(modes), figsize=(4.5 * len(modes) + 1, 3.6), squeeze=False)
     for j, mode in enumerate(modes):
-        ax = axes[0][j]
-        base = {r["shape"]: r["ms"] for r in rows if r["mode"] == mode and r["provider"] == "nn.Linear"}
+        ax, shapes = axes[0][j], _shapes(rows, mode)
+        base = {r["shape"]: r["ms"] for r in rows if r["mode"] == mode and r["provider"] == baseline}
         for provider in providers:
-            if provider == "nn.Linear":
+            if provider == baseline:
                 continue
             xs, ys = [], []
             for k, shape in enumerate(shapes):
@@ -256,10 +274,10 @@ def _speedup_plot(plt, rows, name, out, modes, shapes, providers) -> list[str]:
                     ys.append(ms[0] / base[shape])
             if xs:
                 ax.plot(xs, ys, marker="o", label=provider)
-        ax.axhline(1.0, color="black", lw=1, ls="--", label="nn.Linear")
+        ax.axhline(1.0, color="black", lw=1, ls="--", label=baseline)
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
-        ax.set_title(f"{name}: {mode}, time / nn.Linear", fontsize=10)
+        ax.set_title(f"{name}: {mode}, time / {baseline}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -72,13 +72,19 @@ def build_base(layers: int, hidden: int, heads: int, vocab: int, device: str) ->
         return BertModel(config).eval()
 
 
-def make_diff(base: BertModel, sparsity: float, seed: int) -> SparseDiff:
-    """diff_prune an fp32 copy, random diffs (all gates open), project to `sparsity`, extract."""
+def random_diff_model(base: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """diff_prune a copy of `base` and give it random diffs (log_alpha stays at alpha_init: all gates open)."""
     model = dpkernels.diff_prune(copy.deepcopy(base))
     gen = torch.Generator(device=next(base.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for _, _, gt in iter_gated(model):
             gt.diff.copy_(torch.randn(gt.diff.shape, generator=gen, device=gt.diff.device) * 0.01)
+    return model
+
+
+def make_diff(base: torch.nn.Module, sparsity: float, seed: int) -> SparseDiff:
+    """A random diff of `base` (fp32 diff values whatever its dtype), projected to `sparsity`, extracted."""
+    model = random_diff_model(base, seed)
     dpkernels.project(model, sparsity)
     return SparseDiff.from_model(model)
 

@@ -1,9 +1,11 @@
 """Shared benchmark plumbing: timing, peak memory, and one row schema for CSV/JSON.
 
 Row schema (Liger-Kernel style): op, provider, mode, shape, dtype, ms (median), ms_q20, ms_q80,
-peak_mb, gbps (bytes moved / median, where meaningful), device, torch, triton, date, commit.
-On CUDA the times are triton.testing.do_bench medians; on CPU a perf_counter loop (smoke runs
-only: CPU numbers say nothing about the kernels).
+peak_mb, gbps (bytes moved / median, where meaningful), device, torch, triton, date, commit, and
+notes (optional free text: derived figures such as tokens/s or a target ratio, or why a row was
+skipped; rows without it write an empty cell). On CUDA the times are triton.testing.do_bench
+medians; on CPU a perf_counter loop (smoke runs only: CPU numbers say nothing about the kernels)
+and peak_mb is NaN (no allocator statistics).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 FIELDS = ["op", "provider", "mode", "shape", "dtype", "ms", "ms_q20", "ms_q80", "peak_mb", "gbps", "device",
-          "torch", "triton", "date", "commit"]
+          "torch", "triton", "date", "commit", "notes"]
 
 
 def device_name(device: str) -> str:
@@ -47,19 +49,26 @@ def environment(device: str) -> dict:
             "date": datetime.date.today().isoformat(), "commit": _commit()}
 
 
-def measure(fn, device: str, *, warmup: int = 3, reps: int = 20) -> tuple[float, float, float, float]:
-    """(median ms, 20% quantile, 80% quantile, peak MB allocated during one call beyond the start)."""
+def measure(fn, device: str, *, warmup: int = 3, reps: int = 20, rep_ms: int = 100,
+            total_peak: bool = False) -> tuple[float, float, float, float]:
+    """(median ms, 20% quantile, 80% quantile, peak MB allocated during one call beyond the start).
+
+    ``total_peak``: the peak including what was allocated before the call (weights, optimizer
+    state: what a whole training step holds). ``rep_ms``: do_bench's time budget on CUDA (raise it
+    for calls of tens of ms, or the quantiles rest on a handful of runs); ``warmup``/``reps``: the
+    CPU loop's counts.
+    """
     if device == "cuda":
         from triton.testing import do_bench
 
         fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start_mb = torch.cuda.memory_allocated() / 2**20
+        start_mb = 0.0 if total_peak else torch.cuda.memory_allocated() / 2**20
         fn()
         torch.cuda.synchronize()
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 - start_mb
-        q20, med, q80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8])
+        q20, med, q80 = do_bench(fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
         return med, q20, q80, peak_mb
     for _ in range(warmup):
         fn()
@@ -86,7 +95,9 @@ def write_rows(rows: list[dict], out_dir: str, name: str) -> tuple[str, str]:
 
 def print_table(rows: list[dict]) -> None:
     cols = ["op", "provider", "mode", "shape", "dtype", "ms", "ms_q20", "ms_q80", "peak_mb", "gbps"]
-    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    if any(r.get("notes") for r in rows):
+        cols.append("notes")
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in cells:

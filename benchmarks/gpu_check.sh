@@ -15,6 +15,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 DPKERNELS_BUILD_CUDA=1 DPKERNELS_CUDA_ARCHS=${DPKERNELS_CUDA_ARCHS:-90} \
     python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tee "$OUT/install.log" || status=1
 python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
+# The device has no network: for the LoRA rows of bench_model_step/bench_inference carry a peft wheel
+# (pip download --no-deps peft) and name it in PEFT_WHEEL; without peft those rows are skipped.
+if [ -n "${PEFT_WHEEL:-}" ]; then
+    python3 -m pip install --no-deps --no-index -q "$PEFT_WHEEL" 2>&1 | tee -a "$OUT/install.log" || status=1
+fi
 python3 -m pytest -q -rs 2>&1 | tee "$OUT/tests.log" | tail -n 30 || status=1
 # The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
@@ -27,5 +32,7 @@ fi
 python3 -m benchmarks.bench_gates --out "$OUT" || status=1
 python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
 python3 -m benchmarks.bench_switch --out "$OUT" || status=1
+python3 -m benchmarks.bench_model_step --out "$OUT" || status=1  # LoRA rows need peft (the bench extra)
+python3 -m benchmarks.bench_inference --out "$OUT" || status=1
 tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check.tgz" gpu_check && rm -rf "$OUT"
 exit $status

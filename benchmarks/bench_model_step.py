@@ -1,0 +1,328 @@
+"""Whole-model training step, BERT: full finetuning vs diff pruning (the paper's way, dpkernels) vs LoRA.
+
+Model: transformers' BertForSequenceClassification (2 labels) from a BertConfig with random weights
+(offline). Presets: ``base`` (12 layers, hidden 768, batch 64), ``large`` (24 layers, hidden 1024,
+batch 32), both at sequence length 128; ``tiny`` (2 layers, hidden 64, batch 4, sequence 32: the CPU
+smoke run) and ``toy`` (1 layer, hidden 32: tests). On CUDA the forward runs under bf16 autocast
+(fp32 master weights), on CPU in fp32. One step is zero_grad + forward + loss + backward + AdamW
+step; no provider clips gradients.
+
+Providers:
+    full        full finetuning: every parameter trained
+    paper       diff pruning the way the paper's code does it (:class:`PaperDiffPruning`): per step
+                draw the gates z (hard concrete, torch.rand draws), copy theta0 + z * w into the
+                ordinary model's weights, run its forward and backward, then route each weight
+                gradient g by hand: grad_w = g * z, grad_log_alpha = g * w * dz/dlog_alpha +
+                lambda * p * (1 - p); fp32 theta0, w, log_alpha
+    dpkernels   dpkernels.diff_prune(model) + loss + lambda * l0_penalty(model), AdamW over
+                optimizer_groups(model): the package's training path
+    lora        peft LoRA r = 16 (alpha 32) on every Linear of the encoder, the head trained
+                (skipped, with a note in the row, when peft is not installed)
+
+Both diff-pruning providers gate every pretrained parameter (embeddings, LayerNorms, Linear weights
+and biases; 391 tensors for BERT-large) and keep the classifier head dense, with lambda = L0_LAMBDA.
+
+Rows (benchmarks/common.py's schema): op "model_step", mode "train", shape "bert-large b32 s128".
+peak_mb is the total peak allocated over a step -- weights, theta0, gates, gradients, optimizer
+state and activations -- since the memory target is about the whole training state (NaN on CPU).
+The notes give tokens/s and, for diff pruning, time / full finetuning, time / LoRA and the extra
+bytes per gated parameter over full finetuning. Targets (DESIGN.md section 3): diff pruning step
+<= 1.15x full finetuning and faster than LoRA; peak <= full finetuning + ~20 B per gated parameter
+(fp32 w and log_alpha, their gradients and AdamW states, less full finetuning's gradient and AdamW
+states: 8 + 8 + 16 - 4 - 8 = 20 B). bench_model_step_targets.json holds the figures and verdicts.
+
+    python -m benchmarks.bench_model_step [--device cuda] [--models base,large] [--providers full,dpkernels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import dpkernels
+from benchmarks.common import environment, measure, print_table, write_rows
+from dpkernels import reference
+
+PRESETS = {
+    "base": dict(config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+                 batch=64, seq=128),
+    "large": dict(config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                              intermediate_size=4096), batch=32, seq=128),
+    "tiny": dict(config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                             vocab_size=1000), batch=4, seq=32),
+    "toy": dict(config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            vocab_size=50, max_position_embeddings=64), batch=2, seq=8),
+}
+PROVIDERS = ("full", "paper", "dpkernels", "lora")
+L0_LAMBDA = 1.25e-7  # the README's example; any value costs the same
+TIME_TARGET = 1.15  # diff pruning step / full finetuning step
+MEMORY_TARGET_BYTES = 20.0  # extra peak bytes per gated parameter over full finetuning
+CUDA_REP_MS = 2000  # do_bench budget: a BERT-large step takes ~0.1-0.3 s, so ~10-20 timed runs
+
+
+def build_model(preset: str, device: str, dtype: torch.dtype = torch.float32, *, dropout: float | None = None,
+                seed: int = 0) -> BertForSequenceClassification:
+    """A randomly initialised BertForSequenceClassification (2 labels) of the preset's size, in train mode."""
+    kwargs = dict(PRESETS[preset]["config"])
+    if dropout is not None:
+        kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = BertConfig(num_labels=2, **kwargs)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return BertForSequenceClassification(config).to(dtype).train()
+
+
+def make_batch(vocab: int, batch: int, seq: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return dict(input_ids=torch.randint(0, vocab, (batch, seq), generator=gen).to(device),
+                attention_mask=torch.ones(batch, seq, dtype=torch.long, device=device),
+                labels=torch.randint(0, 2, (batch,), generator=gen).to(device))
+
+
+def _loss(model, batch: dict, amp: bool) -> torch.Tensor:
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=amp):
+        return model(**batch).loss
+
+
+class PaperDiffPruning:
+    """Diff pruning as the paper's code runs it, in plain torch (the baseline dpkernels replaces).
+
+    Keeps, per gated parameter p of the ordinary model, a frozen copy theta0 and trainable w (init 0)
+    and log_alpha (init alpha_init), in fp32 (fp64 for an fp64 model). Each step (:meth:`forward_backward`):
+
+        z, dz/dlog_alpha = hard_concrete(log_alpha, u)        u uniform, one draw per entry
+        p <- theta0 + z * w                                     written into the model's weights
+        g = dLoss/dp                                            the ordinary model's backward
+        grad_w = g * z,  grad_log_alpha = g * w * dz/dlog_alpha + l0_lambda * p_nz * (1 - p_nz)
+
+    where p_nz = P(z != 0), the L0 term being the gradient of l0_lambda * E[L0]. Parameters whose
+    name matches ``dense`` (the task head) are trained as they are. ``uniform(name, log_alpha)``
+    supplies the draws (default ``torch.rand_like``; tests pass dpkernels' Philox draws to
+    reproduce its gates).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, l0_lambda: float, l: float = -1.5, r: float = 1.5,
+                 beta: float = 1.0, alpha_init: float = 5.0, dense=("classifier", "score"), uniform=None):
+        if not (math.isfinite(l0_lambda) and l0_lambda >= 0):
+            raise ValueError(f"l0_lambda must be finite and >= 0, got {l0_lambda}")
+        self.model, self.l0_lambda = model, l0_lambda
+        self.gate = dict(l=l, r=r, beta=beta)
+        self.uniform = uniform or (lambda name, log_alpha: torch.rand_like(log_alpha))
+        patterns = [re.compile(p) for p in ([dense] if isinstance(dense, str) else dense)]
+        self.names, self.params, self.theta0, self.w, self.log_alpha, self.dense = [], [], [], [], [], []
+        for name, p in model.named_parameters():
+            if any(pat.search(name) for pat in patterns):
+                self.dense.append(p)
+                continue
+            like = dict(dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device)
+            self.names.append(name)
+            self.params.append(p)
+            self.theta0.append(p.detach().to(**like, copy=True))
+            self.w.append(torch.zeros(p.shape, **like, requires_grad=True))
+            self.log_alpha.append(torch.full(p.shape, float(alpha_init), **like, requires_grad=True))
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.theta0)
+
+    def optimizer_groups(self, *, diff_lr: float = 1e-3, log_alpha_lr: float = 0.1) -> list[dict]:
+        """The groups of dpkernels.optimizer_groups: w, log_alpha, the dense head."""
+        groups = [dict(params=self.w, lr=diff_lr), dict(params=self.log_alpha, lr=log_alpha_lr, weight_decay=0.0)]
+        return groups + ([dict(params=self.dense, lr=diff_lr)] if self.dense else [])
+
+    def forward_backward(self, loss_fn) -> torch.Tensor:
+        """Draw the gates, write theta0 + z * w into the model, loss_fn().backward(), route the gradients."""
+        gates = []
+        with torch.no_grad():
+            for name, p, theta0, w, la in zip(self.names, self.params, self.theta0, self.w, self.log_alpha,
+                                              strict=True):
+                z, dz = reference.hard_concrete(la, self.uniform(name, la), **self.gate)
+                gates.append((z, dz))
+                p.copy_(torch.addcmul(theta0, z, w))
+        loss = loss_fn()
+        loss.backward()
+        with torch.no_grad():
+            for p, w, la, (z, dz) in zip(self.params, self.w, self.log_alpha, gates, strict=True):
+                g = p.grad.to(w.dtype)
+                p.grad = None  # the model's own weight gradient is scratch: only w and log_alpha train
+                w.grad = g * z
+                la.grad = g * w * dz
+                if self.l0_lambda:
+                    la.grad.add_(reference.expected_l0_grad(la, **self.gate), alpha=self.l0_lambda)
+        return loss
+
+
+def make_step(provider: str, model, batch: dict, *, amp: bool):
+    """(step function, model after wrapping, number of gated parameters or None) for one provider.
+
+    ``model`` is changed in place (diff_prune) or wrapped (peft); build a fresh one per provider.
+    """
+    gated = None
+    if provider in ("full", "lora"):
+        if provider == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32,
+                                                     target_modules="all-linear"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5 if provider == "full"
+                                else 1e-4)
+
+        def backward():
+            _loss(model, batch, amp).backward()
+    elif provider == "dpkernels":
+        dpkernels.diff_prune(model)
+        opt = torch.optim.AdamW(dpkernels.optimizer_groups(model))
+        gated = sum(gt.theta0.numel() for _, _, gt in dpkernels.nn.iter_gated(model))
+
+        def backward():
+            (_loss(model, batch, amp) + L0_LAMBDA * dpkernels.l0_penalty(model)).backward()
+    elif provider == "paper":
+        paper = PaperDiffPruning(model, l0_lambda=L0_LAMBDA)
+        opt = torch.optim.AdamW(paper.optimizer_groups())
+        gated = paper.numel
+
+        def backward():
+            paper.forward_backward(lambda: _loss(model, batch, amp))
+    else:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        backward()
+        opt.step()
+
+    return step, model, gated
+
+
+def peft_missing() -> str | None:
+    """Why the lora provider cannot run here, or None."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return "skipped: peft is not installed (pip install peft, or the bench extra)"
+    return None
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(device: str, presets: list[str], providers: list[str], *, batch: int | None = None, seq: int | None = None,
+        reps: int = 10) -> tuple[list[dict], dict]:
+    env = environment(device)
+    amp = device == "cuda"
+    rows, targets = [], {}
+    for preset in presets:
+        b, s = batch or PRESETS[preset]["batch"], seq or PRESETS[preset]["seq"]
+        shape = f"bert-{preset} b{b} s{s}"
+        by_provider, gated = {}, {}
+        for provider in providers:
+            row = dict(op="model_step", provider=provider, mode="train", shape=shape,
+                       dtype="bf16-autocast" if amp else "fp32", ms=math.nan, ms_q20=math.nan, ms_q80=math.nan,
+                       peak_mb=math.nan, gbps=math.nan, **env, notes="")
+            rows.append(row)
+            if provider == "lora" and peft_missing():
+                row["notes"] = peft_missing()
+                continue
+            model = build_model(preset, device)
+            data = make_batch(model.config.vocab_size, b, s, device)
+            step, model, gated[provider] = make_step(provider, model, data, amp=amp)
+            ms, q20, q80, peak = measure(step, device, warmup=2, reps=reps, rep_ms=CUDA_REP_MS, total_peak=True)
+            row.update(ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak, notes=f"{b * s / ms * 1e3:.4g} tokens/s")
+            by_provider[provider] = row
+            del model, step, data
+            _free(device)
+        targets[shape] = _targets(by_provider, gated)
+        for provider, verdict in targets[shape].items():
+            by_provider[provider]["notes"] += "".join(
+                f"; {label} {verdict[key]:.3g}" for key, label in (("time_vs_full", "x full"),
+                                                                   ("time_vs_lora", "x lora"),
+                                                                   ("extra_bytes_per_gated_param", "extra B/gated"))
+                if verdict.get(key) is not None)
+    return rows, dict(targets=targets, time_target_vs_full=TIME_TARGET,
+                      memory_target_extra_bytes_per_gated_param=MEMORY_TARGET_BYTES, **env)
+
+
+def _targets(rows: dict[str, dict], gated: dict[str, int | None]) -> dict[str, dict]:
+    """Per diff-pruning provider: time / full, time / LoRA, extra peak bytes per gated parameter, verdicts."""
+    full, lora = rows.get("full"), rows.get("lora")
+    out = {}
+    for provider in ("paper", "dpkernels"):
+        if provider not in rows:
+            continue
+        row = rows[provider]
+        verdict = dict(gated_params=gated[provider], ms=row["ms"])
+        if full:
+            verdict["time_vs_full"] = row["ms"] / full["ms"]
+            verdict["meets_time_target"] = verdict["time_vs_full"] <= TIME_TARGET and (
+                lora is None or row["ms"] < lora["ms"])
+            if math.isfinite(row["peak_mb"]) and math.isfinite(full["peak_mb"]):
+                extra = (row["peak_mb"] - full["peak_mb"]) * 2**20 / gated[provider]
+                verdict["extra_bytes_per_gated_param"] = extra
+                verdict["meets_memory_target"] = extra <= MEMORY_TARGET_BYTES
+        if lora:
+            verdict["time_vs_lora"] = row["ms"] / lora["ms"]
+        out[provider] = verdict
+    return out
+
+
+def parse_args(argv, *, doc: str, providers: tuple[str, ...], cuda_models: str, extra=None) -> argparse.Namespace:
+    """The options of the model-level benchmarks (this one and bench_inference), validated;
+    ``args.models`` and ``args.providers`` come back as lists. ``extra(parser)`` adds more options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--models", default=None,
+                        help=f"comma list of {', '.join(PRESETS)} (default: {cuda_models} on CUDA, tiny on CPU)")
+    parser.add_argument("--providers", default=",".join(providers), help="comma list (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every model (default: the preset's)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
+    parser.add_argument("--reps", type=int, default=10, help="timed calls per row on CPU (default: %(default)s)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    args.models = (args.models or (cuda_models if args.device == "cuda" else "tiny")).split(",")
+    args.providers = args.providers.split(",")
+    for kind, given, known in (("model", args.models, PRESETS), ("provider", args.providers, providers)):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            parser.error(f"unknown {kind}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    for name in ("batch", "seq", "reps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for preset in args.models:
+        positions = PRESETS[preset]["config"].get("max_position_embeddings", 512)  # BertConfig's default
+        if (args.seq or PRESETS[preset]["seq"]) > positions:
+            parser.error(f"--seq {args.seq} exceeds the {positions} positions of the {preset} preset")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
+    args.error = parser.error
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, doc=__doc__, providers=PROVIDERS, cuda_models="base,large")
+    if args.device != "cuda":
+        print("bench_model_step: no CUDA device; a CPU smoke run in fp32 (CPU times say nothing about the GPU, "
+              "and there is no peak memory)")
+    rows, summary = run(args.device, args.models, args.providers, batch=args.batch, seq=args.seq, reps=args.reps)
+    print_table(rows)
+    print(json.dumps(summary["targets"], indent=1))
+    print("wrote", *write_rows(rows, args.out, "bench_model_step"))
+    with open(os.path.join(args.out, "bench_model_step_targets.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
