@@ -32,6 +32,9 @@ def device_name(device: str) -> str:
 
 
 def _commit() -> str:
+    """The source's git commit; DPKERNELS_COMMIT names it where the tree travelled without .git (the GPU box)."""
+    if os.environ.get("DPKERNELS_COMMIT"):
+        return os.environ["DPKERNELS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -1,38 +1,55 @@
 #!/usr/bin/env bash
 # The one GPU check (run through the device tool, from the repo root): build and install the
 # package from source, run every test (the cuda-marked ones execute there), then the benchmarks.
-# Logs and CSV/JSON tables land in $OUT/gpu_check/ and, bundled, in $OUT/gpu_check.tgz (the device
-# tool brings back at most 8 files). Copy the numbers, with the device name, date and commit, into
-# benchmarks/RESULTS.md.
+# Logs and CSV/JSON tables land in $OUT/gpu_check-<stage>/ and, bundled, in $OUT/gpu_check-<stage>.tgz
+# (the device tool brings back at most 8 files). Copy the numbers, with the device name, date and
+# commit, into benchmarks/RESULTS.md.
+#
+#   bash benchmarks/gpu_check.sh [all|tests|bench]
+#
+# One device command may run 10 minutes at most: if `all` does not fit, run `tests` and then, within
+# the machine's 30 s warm window (the in-place build is kept), `bench`.
 set -uo pipefail
+STAGE=${1:-all}
+case "$STAGE" in all|tests|bench) ;; *) echo "usage: gpu_check.sh [all|tests|bench]" >&2; exit 2 ;; esac
 BASE_OUT=${OUT:-benchmarks/out}
-OUT="$BASE_OUT/gpu_check"
+OUT="$BASE_OUT/gpu_check-$STAGE"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-# In place (-e): the tests import the source tree, so the CUDA extension must sit there too.
-DPKERNELS_BUILD_CUDA=1 DPKERNELS_CUDA_ARCHS=${DPKERNELS_CUDA_ARCHS:-90} \
-    python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tee "$OUT/install.log" || status=1
+# The device gets the working tree without .git: pass DPKERNELS_COMMIT=<hash> to stamp the rows.
+echo "commit ${DPKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$OUT/gpu.txt"
+# In place (-e): the tests import the source tree, so the CUDA extension must sit there too. A
+# `bench` stage right after `tests` on the same machine finds it built and skips the build.
+if [ "$STAGE" != bench ] || ! python3 -c "import dpkernels._C" 2>/dev/null; then
+    DPKERNELS_BUILD_CUDA=1 DPKERNELS_CUDA_ARCHS=${DPKERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+        python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tee "$OUT/install.log" \
+        || status=1
+fi
 python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
 # The device has no network: for the LoRA rows of bench_model_step/bench_inference carry a peft wheel
 # (pip download --no-deps peft) and name it in PEFT_WHEEL; without peft those rows are skipped.
 if [ -n "${PEFT_WHEEL:-}" ]; then
     python3 -m pip install --no-deps --no-index -q "$PEFT_WHEEL" 2>&1 | tee -a "$OUT/install.log" || status=1
 fi
-python3 -m pytest -q -rs 2>&1 | tee "$OUT/tests.log" | tail -n 30 || status=1
-# The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
-sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$sanitizer" ]; then
-    "$sanitizer" --tool memcheck --error-exitcode 1 python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU \
-        2>&1 | tee "$OUT/sanitizer.log" | tail -n 15 || status=1
-else
-    echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
+if [ "$STAGE" != bench ]; then
+    python3 -m pytest -q -rs 2>&1 | tee "$OUT/tests.log" | tail -n 30 || status=1
+    # The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
+    sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    if [ -x "$sanitizer" ]; then
+        "$sanitizer" --tool memcheck --error-exitcode 1 python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU \
+            2>&1 | tee "$OUT/sanitizer.log" | tail -n 15 || status=1
+    else
+        echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
+    fi
 fi
-python3 -m benchmarks.bench_gates --out "$OUT" || status=1
-python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
-python3 -m benchmarks.bench_switch --out "$OUT" || status=1
-python3 -m benchmarks.bench_model_step --out "$OUT" || status=1  # LoRA rows need peft (the bench extra)
-python3 -m benchmarks.bench_inference --out "$OUT" || status=1
-tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check.tgz" gpu_check && rm -rf "$OUT"
+if [ "$STAGE" != tests ]; then
+    python3 -m benchmarks.bench_gates --out "$OUT" || status=1
+    python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
+    python3 -m benchmarks.bench_switch --out "$OUT" || status=1
+    python3 -m benchmarks.bench_model_step --out "$OUT" || status=1  # LoRA rows need peft (the bench extra)
+    python3 -m benchmarks.bench_inference --out "$OUT" || status=1
+fi
+tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check-$STAGE.tgz" "gpu_check-$STAGE" && rm -rf "$OUT"
 exit $status

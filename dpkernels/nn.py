@@ -135,12 +135,12 @@ class _GatedModule(nn.Module):
         """The seed of the latest training forward, for replay with dpkernels.sample_gates."""
         return None if self._seed is None else int(self._seed)
 
-    def _scaled_diff(self, gt: GatedTensor, seed: int | None, group: int, n_elements: int) -> torch.Tensor:
+    def _scaled_diff(self, gt: GatedTensor, seed: torch.Tensor | None, group: int, n_elements: int) -> torch.Tensor:
         """diff, times the group gate z_g when structured (draw (seed, n_elements + group))."""
         if gt.group_log_alpha is None:
             return gt.diff
-        z_g = reference.group_gate(gt.group_log_alpha, seed, n_elements + group, training=self.training,
-                                   l=self.l, r=self.r, beta=self.beta)
+        z_g = ops.group_gate(gt.group_log_alpha, seed, n_elements + group, training=self.training, l=self.l,
+                             r=self.r, beta=self.beta)
         return gt.diff * z_g.to(gt.diff.dtype)
 
     @torch.no_grad()
@@ -260,7 +260,9 @@ class DiffLinear(_GatedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_mask:
-            if getattr(self, "_checked_index", None) != self._index_state():  # e.g. after load_state_dict
+            # Indices are checked when they are set (to_fixed_mask) and again in eager mode whenever
+            # they changed since (load_state_dict, say); a compiled graph cannot read data_ptr.
+            if not torch.compiler.is_compiling() and getattr(self, "_checked_index", None) != self._index_state():
                 ops.check_mask_index("diff_index", self.diff_index, self.weight.numel())
                 if self.bias_diff_index is not None:
                     ops.check_mask_index("bias_diff_index", self.bias_diff_index, self.bias.numel())

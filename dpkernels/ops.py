@@ -2,6 +2,9 @@
 
 Each op checks its inputs here once (metadata only, no host sync on the training path), asks the
 dispatcher for a backend, and calls that backend's primitive. The math is DESIGN.md section 1.
+``gate_apply``, ``diff_linear`` and ``fixed_mask_linear`` run as autograd Functions in eager mode
+(the least overhead) and as torch.library custom ops (``dpkernels::gate_apply`` ...; with their
+backward ops) under torch.compile; both call the same implementation functions.
 """
 
 from __future__ import annotations
@@ -275,6 +278,28 @@ def gate_apply(theta0, diff, log_alpha, *, seed=None, offset=0, training=True, l
     return GateApplyFunction.apply(*args)
 
 
+@torch.library.custom_op("dpkernels::philox_uniform", mutates_args=())
+def _philox_uniform_op(seed: torch.Tensor, offset: int, numel: int, device: torch.device) -> torch.Tensor:
+    """The draws (seed, offset + i), i < numel, on `device` (computed on the CPU: meant for a handful)."""
+    return reference.uniform(_seed_value(seed), numel, offset).to(device)
+
+
+@_philox_uniform_op.register_fake
+def _(seed, offset, numel, device):
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def group_gate(group_log_alpha, seed, offset: int, *, training=True, l=-1.5, r=1.5, beta=1.0) -> torch.Tensor:
+    """A group gate z_g (structured diff pruning) from the draw (seed, offset), differentiable w.r.t.
+    group_log_alpha: :func:`dpkernels.reference.group_gate`, with the draw taken through a custom op
+    so that a seed tensor is never read inside a torch.compile graph."""
+    if not training:
+        return reference.eval_gates(group_log_alpha, l=l, r=r)
+    u = torch.ops.dpkernels.philox_uniform(_seed_arg(seed, True), offset, group_log_alpha.numel(),
+                                           group_log_alpha.device)
+    return reference.hard_concrete(group_log_alpha, u.reshape(group_log_alpha.shape), l=l, r=r, beta=beta)[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Diff linear
 # --------------------------------------------------------------------------------------------
@@ -386,7 +411,6 @@ class DiffLinearFunction(torch.autograd.Function):
 
 # torch.compile sees the same computation as two custom ops (opaque to tracing, so the backend
 # dispatch and the kernel launches stay out of the graph) with an autograd formula.
-_GRAD_NAMES = ("x", "weight", "bias", "diff", "log_alpha", "bias_diff", "bias_log_alpha")
 
 
 @torch.library.custom_op("dpkernels::diff_linear", mutates_args=())
@@ -533,37 +557,89 @@ def check_mask_index(name: str, index: torch.Tensor, numel: int) -> None:
         raise ValueError(f"{name} holds indices outside [0, {numel}): {low if low < 0 else high}")
 
 
+def _fixed_mask_forward_impl(x, weight, bias, values, index, bias_values, bias_index):
+    """(y, W) for 2-D x in the compute dtype: W = theta0 + scatter(index, values) in that dtype."""
+    cdt = x.dtype
+    w_eff = reference.masked_weight(weight, index, values, cdt)
+    b_eff = None
+    if bias is not None:
+        b_eff = bias.to(cdt) if bias_values is None else reference.masked_weight(bias, bias_index, bias_values, cdt)
+    return F.linear(x, w_eff, b_eff), w_eff
+
+
+def _fixed_mask_backward_impl(grad_y, x, w_eff, index, bias_index, values, needs):
+    """(grad_x, grad_values, grad_bias_values), None where not needed; needs = those three flags."""
+    gy = grad_y.to(w_eff.dtype)
+    grads = [None, None, None]
+    if needs[0]:
+        grads[0] = gy @ w_eff
+    if needs[1]:
+        backend = select("sddmm", values.device, values.dtype, primitive="sddmm")
+        grads[1] = backend.sddmm(gy, x, index, w_eff.shape[1])
+    if needs[2]:
+        grads[2] = gy.sum(0, dtype=torch.float32)[bias_index]
+    return grads
+
+
 class FixedMaskLinearFunction(torch.autograd.Function):
     """y = x W^T + b with W = theta0 + scatter(index, values) (likewise b), in the compute dtype.
 
-    Backward: grad_x = dY W (one GEMM, as nn.Linear); grad_values = (dY^T X)[index] computed only
-    at the mask's entries (sddmm), never as a dense (N, K) product; grad_bias_values =
-    (sum over tokens of dY)[bias_index]. Saved: x and the compute-dtype W (as nn.Linear saves x and W).
+    For 2-D x already in the compute dtype. Backward: grad_x = dY W (one GEMM, as nn.Linear);
+    grad_values = (dY^T X)[index] computed only at the mask's entries (sddmm), never as a dense
+    (N, K) product; grad_bias_values = (sum over tokens of dY)[bias_index]. Saved: x and the
+    compute-dtype W (as nn.Linear saves x and W).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, index, bias_values, bias_index, cdt, backend):
-        w_eff = reference.masked_weight(weight, index, values, cdt)
-        b_eff = None
-        if bias is not None:
-            b_eff = bias.to(cdt) if bias_values is None else reference.masked_weight(bias, bias_index, bias_values, cdt)
-        x_c = x.to(cdt)
-        ctx.save_for_backward(x_c, w_eff, index, bias_index)
-        ctx.backend, ctx.x_dtype = backend, x.dtype
-        return torch.nn.functional.linear(x_c, w_eff, b_eff)
+    def forward(ctx, x, weight, bias, values, index, bias_values, bias_index):
+        y, w_eff = _fixed_mask_forward_impl(x, weight, bias, values, index, bias_values, bias_index)
+        ctx.save_for_backward(x, w_eff, index, bias_index, values)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_c, w_eff, index, bias_index = ctx.saved_tensors
-        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(w_eff.dtype)
-        grad_x = grad_values = grad_bias_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gy @ w_eff).reshape(x_c.shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_values = ctx.backend.sddmm(gy, x_c.reshape(-1, x_c.shape[-1]), index, w_eff.shape[1])
-        if ctx.needs_input_grad[5]:
-            grad_bias_values = gy.sum(0, dtype=torch.float32)[bias_index]
-        return grad_x, None, None, grad_values, None, grad_bias_values, None, None, None
+        needs = ctx.needs_input_grad
+        gx, gv, gbv = _fixed_mask_backward_impl(grad_y, *ctx.saved_tensors, (needs[0], needs[3], needs[5]))
+        return gx, None, None, gv, None, gbv, None
+
+
+@torch.library.custom_op("dpkernels::fixed_mask_linear", mutates_args=())
+def _fixed_mask_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
+                   index: torch.Tensor, bias_values: torch.Tensor | None,
+                   bias_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fixed_mask_forward_impl(x, weight, bias, values, index, bias_values, bias_index)
+
+
+@_fixed_mask_op.register_fake
+def _(x, weight, bias, values, index, bias_values, bias_index):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty(weight.shape)
+
+
+@torch.library.custom_op("dpkernels::fixed_mask_linear_backward", mutates_args=())
+def _fixed_mask_backward_op(grad_y: torch.Tensor, x: torch.Tensor, w_eff: torch.Tensor, index: torch.Tensor,
+                            bias_index: torch.Tensor | None, values: torch.Tensor, bias_values: torch.Tensor | None,
+                            needs: list[bool]) -> list[torch.Tensor]:
+    grads = _fixed_mask_backward_impl(grad_y, x, w_eff, index, bias_index, values, needs)
+    return [_empty(values) if t is None else t for t in grads]
+
+
+@_fixed_mask_backward_op.register_fake
+def _(grad_y, x, w_eff, index, bias_index, values, bias_values, needs):
+    return _fake_grads((x, values, bias_values), needs, values)
+
+
+def _fixed_mask_setup_context(ctx, inputs, output):
+    x, weight, bias, values, index, bias_values, bias_index = inputs
+    ctx.save_for_backward(x, output[1], index, bias_index, values, bias_values)
+
+
+def _fixed_mask_op_backward(ctx, grad_y, _grad_w_eff):
+    needs = [ctx.needs_input_grad[i] for i in (0, 3, 5)]
+    gx, gv, gbv = torch.ops.dpkernels.fixed_mask_linear_backward(grad_y, *ctx.saved_tensors, needs)
+    return (gx if needs[0] else None, None, None, gv if needs[1] else None, None, gbv if needs[2] else None, None)
+
+
+_fixed_mask_op.register_autograd(_fixed_mask_op_backward, setup_context=_fixed_mask_setup_context)
 
 
 def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_values=None, *, validate=True):
@@ -572,7 +648,8 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
     The mask m is given by sorted unique flat indices ``index`` (int64) and the trainable delta by
     ``values`` (fp32) at those entries; likewise ``bias_index``/``bias_values`` (None: bias ungated).
     The weight gradient is computed only at the mask's entries. ``validate`` checks the indices
-    (sorted, unique, in range; a host sync): pass False only for indices already checked.
+    (sorted, unique, in range; a host sync): pass False only for indices already checked. Under
+    torch.compile the call is the custom op ``dpkernels::fixed_mask_linear``.
     """
     _check_tensor("x", x)
     _check_mask(("weight", "index", "values"), weight, index, values)
@@ -587,6 +664,11 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
         check_mask_index("index", index, weight.numel())
         if bias_index is not None:
             check_mask_index("bias_index", bias_index, bias.numel())
-    backend = select("sddmm", values.device, values.dtype, primitive="sddmm")
-    return FixedMaskLinearFunction.apply(x, weight, bias, values, index, bias_values, bias_index, _compute_dtype(x),
-                                         backend)
+    lead, n = x.shape[:-1], weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))
+    args = (x2, weight, bias, values, index, bias_values, bias_index)
+    if torch.compiler.is_compiling():
+        y = torch.ops.dpkernels.fixed_mask_linear(*args)[0]
+    else:
+        y = FixedMaskLinearFunction.apply(*args)
+    return y if x.dim() == 2 else y.reshape(*lead, n)

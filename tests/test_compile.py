@@ -8,6 +8,7 @@ from test_diff_prune import _batch, _randomise_gates, tiny_bert
 
 import dpkernels
 from dpkernels import ops
+from dpkernels.nn import iter_gated
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -24,10 +25,16 @@ def test_gate_apply_custom_op_passes_opcheck(device, training, out_dtype):
         torch.library.opcheck(torch.ops.dpkernels.gate_apply.default, args)
 
 
-def test_a_diff_pruned_transformers_model_compiles_fullgraph_and_matches_eager():
-    """Every DiffLinear and every GatedParameter (embeddings, LayerNorm) goes through the custom ops."""
-    model = dpkernels.diff_prune(tiny_bert()).train()
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_diff_pruned_transformers_model_compiles_fullgraph_and_matches_eager(structured):
+    """Every DiffLinear and every GatedParameter (embeddings, LayerNorm) goes through the custom ops;
+    structured group gates take their draw through dpkernels::philox_uniform."""
+    model = dpkernels.diff_prune(tiny_bert(), structured=structured).train()
     _randomise_gates(model)
+    if structured:
+        with torch.no_grad():
+            for _, _, gt in iter_gated(model):
+                gt.group_log_alpha.fill_(0.3)  # group gates strictly between 0 and 1: they scale the diff
     ids, labels = _batch()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -44,3 +51,52 @@ def test_a_diff_pruned_transformers_model_compiles_fullgraph_and_matches_eager()
     torch.testing.assert_close(logits_c, logits)
     for a, b in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_group_gate_draw_is_the_reference_draw():
+    la = torch.tensor([0.3, -2.0, 4.0], requires_grad=True)
+    for seed in (0, 2**63 + 1, ops._seed_tensor(2**64 - 5)):
+        z = ops.group_gate(la, seed, 17)
+        torch.testing.assert_close(z, dpkernels.reference.group_gate(la, seed, 17), rtol=0, atol=0)
+    z.sum().backward()
+    assert la.grad is not None and torch.isfinite(la.grad).all()
+    torch.testing.assert_close(ops.group_gate(la, None, 0, training=False), dpkernels.reference.eval_gates(la))
+
+
+def _fixed_mask_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(dpkernels.DiffLinear(9, 16), torch.nn.GELU(), dpkernels.DiffLinear(16, 5))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "diff" in name:
+                p.normal_()
+    dpkernels.project(model, 0.3)
+    return model
+
+
+def test_the_fixed_mask_stage_compiles_fullgraph_and_matches_eager():
+    model = _fixed_mask_model()
+    x = torch.randn(2, 3, 9)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(isinstance(m, dpkernels.DiffLinear) and m.fixed_mask for m in model[::2])
+
+    def step(fn):
+        y = fn(x)
+        return y.detach(), torch.autograd.grad(y.square().sum(), trainable)
+
+    y, grads = step(model)
+    torch._dynamo.reset()
+    y_c, grads_c = step(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(y_c, y)
+    for a, b in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fixed_mask_custom_op_passes_opcheck(device):
+    layer = _fixed_mask_model()[0].to(device)
+    x = torch.randn(6, 9, device=device, requires_grad=True)
+    for bias_args in ((layer.bias, layer.bias_diff_values, layer.bias_diff_index), (layer.bias, None, None),
+                      (None, None, None)):
+        args = (x, layer.weight, bias_args[0], layer.diff_values, layer.diff_index, bias_args[1], bias_args[2])
+        torch.library.opcheck(torch.ops.dpkernels.fixed_mask_linear.default, args)
