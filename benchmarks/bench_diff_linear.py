@@ -7,6 +7,7 @@ Providers:
     triton          dpkernels on its Triton backend, the path chosen by shape (DPKERNELS_DIFF_LINEAR=auto)
     triton-unfused  gate-apply kernel writing W in bf16, cuBLAS, cuBLAS dY^T X, gate-backward kernel
     triton-fused    gates drawn inside Triton GEMM tile loads; weight gradient routed in the GEMM epilogue
+    triton-fused-forward, triton-fused-wgrad   one half fused, the other unfused (DPKERNELS_DIFF_LINEAR)
     cuda            dpkernels on the compiled extension (gate kernels + cuBLAS), when it is built
     fixed-mask      after projection to 0.5%: W = theta0 + scatter(values), weight gradient only at
                     the mask (sddmm) -- the fixed-mask finetuning stage (Triton backend on CUDA)
@@ -26,7 +27,7 @@ import torch
 
 import dpkernels
 from benchmarks.common import environment, measure, print_table, write_rows
-from dpkernels import reference
+from dpkernels import ops, reference
 
 DEFAULT_SHAPES = "768x3072,3072x768,1024x4096,4096x1024,4096x4096,4096x11008"
 L0_LAMBDA = 1e-3
@@ -70,8 +71,7 @@ def _providers(k: int, n: int, device: str):
         "torch": (backend("torch"), gated),
         "torch.compile": (compiled, gated),
         "triton": (backend("triton"), gated),
-        "triton-unfused": (backend("triton", "unfused"), gated),
-        "triton-fused": (backend("triton", "fused"), gated),
+        **{f"triton-{path}": (backend("triton", path), gated) for path in ops._PATHS},
         "cuda": (backend("cuda"), gated),
         "fixed-mask": (fixed_step, [fixed.diff_values, fixed.bias_diff_values]),
     }
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device != "cuda":
         print("bench_diff_linear: no CUDA device; a CPU smoke run of nn.Linear and the torch backend only")
-    default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,fixed-mask" if args.device == "cuda" \
-        else "nn.Linear,torch"
+    default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,triton-fused-forward," \
+        "triton-fused-wgrad,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
     if args.providers is None and args.device == "cuda" and _cuda_extension_loads():
         providers.append("cuda")

@@ -5,13 +5,16 @@
 # (the device tool brings back at most 8 files). Copy the numbers, with the device name, date and
 # commit, into benchmarks/RESULTS.md.
 #
-#   bash benchmarks/gpu_check.sh [all|tests|bench]
+#   bash benchmarks/gpu_check.sh [all|tests|bench] [BENCHMARK...]
 #
 # One device command may run 10 minutes at most: if `all` does not fit, run `tests` and then, within
-# the machine's 30 s warm window (the in-place build is kept), `bench`.
+# the machine's 30 s warm window (the in-place build is kept), `bench`, or `bench` with a subset of
+# gates diff_linear switch model_step inference (the default: all five).
 set -uo pipefail
 STAGE=${1:-all}
-case "$STAGE" in all|tests|bench) ;; *) echo "usage: gpu_check.sh [all|tests|bench]" >&2; exit 2 ;; esac
+case "$STAGE" in all|tests|bench) ;; *) echo "usage: gpu_check.sh [all|tests|bench] [BENCHMARK...]" >&2; exit 2 ;; esac
+shift $(( $# > 0 ? 1 : 0 ))
+BENCHMARKS=${*:-gates diff_linear switch model_step inference}
 BASE_OUT=${OUT:-benchmarks/out}
 OUT="$BASE_OUT/gpu_check-$STAGE"
 mkdir -p "$OUT"
@@ -45,11 +48,9 @@ if [ "$STAGE" != bench ]; then
     fi
 fi
 if [ "$STAGE" != tests ]; then
-    python3 -m benchmarks.bench_gates --out "$OUT" || status=1
-    python3 -m benchmarks.bench_diff_linear --out "$OUT" || status=1
-    python3 -m benchmarks.bench_switch --out "$OUT" || status=1
-    python3 -m benchmarks.bench_model_step --out "$OUT" || status=1  # LoRA rows need peft (the bench extra)
-    python3 -m benchmarks.bench_inference --out "$OUT" || status=1
+    for name in $BENCHMARKS; do  # the LoRA rows of model_step and inference need peft (the bench extra)
+        python3 -m "benchmarks.bench_$name" --out "$OUT" 2>&1 | tee "$OUT/bench_$name.log" || status=1
+    done
 fi
 tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check-$STAGE.tgz" "gpu_check-$STAGE" && rm -rf "$OUT"
 exit $status

@@ -310,34 +310,46 @@ _PATH_ENV = "DPKERNELS_DIFF_LINEAR"
 # the fused GEMM re-reads theta0 (2 B in bf16), diff and log_alpha (4 B each) and redraws the gate
 # once per row block of the output, the unfused path reads them once (+ writes and re-reads a bf16
 # W, 14 B per weight element in all) and pays one launch more. With one row block (M <= 64) the
-# fused path moves fewer bytes; with two or more it moves more and spends 2x the Philox work.
+# fused path moves fewer bytes; with two or more it moves more and spends 2x the Philox work. The
+# weight gradient's fused epilogue saves writing and re-reading the compute-dtype dLoss/dW (4 B per
+# element) but DESIGN.md measured a naive one at 1.9x cuBLAS + the routing pass at M = 8192: auto
+# fuses it only with the forward, until bench_diff_linear's fused-wgrad rows say otherwise.
 FUSED_MAX_TOKENS = 64
+# DPKERNELS_DIFF_LINEAR -> (fused forward and dX, fused weight gradient); auto decides by shape.
+_PATHS = {"fused": (True, True), "unfused": (False, False), "fused-forward": (True, False),
+          "fused-wgrad": (False, True)}
 
 
 def linear_path() -> str:
-    """DPKERNELS_DIFF_LINEAR: auto (by shape), fused (gates inside the GEMMs), unfused (gate passes + cuBLAS)."""
+    """DPKERNELS_DIFF_LINEAR: auto (by shape), fused (gates inside the GEMMs), unfused (gate passes +
+    cuBLAS), or one half fused: fused-forward (forward and dX), fused-wgrad (the weight gradient)."""
     choice = os.environ.get(_PATH_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "fused", "unfused"):
-        raise ValueError(f"{_PATH_ENV}={choice!r} is not one of auto, fused, unfused")
+    if choice != "auto" and choice not in _PATHS:
+        raise ValueError(f"{_PATH_ENV}={choice!r} is not one of auto, {', '.join(_PATHS)}")
     return choice
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # compute dtypes of the fused GEMMs
 
 
-def _fused_diff_linear(backend, tokens: int, compute_dtype: torch.dtype) -> bool:
-    """Whether this call takes the fused kernels (backends that have them: triton)."""
+def _fused_diff_linear(backend, tokens: int, compute_dtype: torch.dtype) -> tuple[bool, bool]:
+    """(fused forward and dX, fused weight gradient) for this call (backends with fused kernels: triton)."""
     choice = linear_path()
     has_fused = hasattr(backend, "gated_linear") and compute_dtype in _FUSED_DTYPES
-    if choice == "fused" and not has_fused:
-        raise ValueError(f"{_PATH_ENV}=fused needs the triton backend and fp32/fp16/bf16 activations (got the "
+    if choice == "auto":
+        return (has_fused and tokens <= FUSED_MAX_TOKENS,) * 2
+    if not has_fused and choice != "unfused":
+        raise ValueError(f"{_PATH_ENV}={choice} needs the triton backend and fp32/fp16/bf16 activations (got the "
                          f"{backend.__name__.rsplit('.', 1)[-1]} backend and {compute_dtype})")
-    return has_fused and (choice == "fused" or (choice == "auto" and tokens <= FUSED_MAX_TOKENS))
+    return _PATHS[choice]
 
 
 def _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training,
                               l, r, beta, fused):
-    """(y, W or an empty placeholder) for 2-D x in the compute dtype; W saved for backward when unfused."""
+    """(y, W or an empty placeholder) for 2-D x in the compute dtype; W saved for backward when unfused.
+
+    ``fused``: the fused forward (the Triton GEMM rebuilding W tile by tile) instead of one gate
+    pass writing W and cuBLAS."""
     seed, cdt = _seed_value(seed), x.dtype
     b_eff = None
     if bias is not None:
@@ -352,8 +364,11 @@ def _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_di
 
 
 def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha,
-                               seed, training, l, r, beta, l0_lambda, fused, needs):
-    """Gradients (x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha); None where not needed."""
+                               seed, training, l, r, beta, l0_lambda, fused, fused_wgrad, needs):
+    """Gradients (x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha); None where not needed.
+
+    ``fused``: the forward was fused (no W saved: dX by the fused GEMM); ``fused_wgrad``: route the
+    weight gradient in the epilogue of the dY^T X GEMM instead of cuBLAS + one gate pass."""
     seed = _seed_value(seed)
     gates = (seed, 0, training, l, r, beta)
     gy = grad_y.to(x.dtype)
@@ -362,13 +377,13 @@ def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, lo
         grad[0] = gy @ w_eff if not fused else backend.gated_linear_grad_input(
             gy, weight.contiguous(), diff.contiguous(), log_alpha.contiguous(), *gates)
     route = needs[3] or needs[4]
-    if needs[1] or (route and not fused):
+    if needs[1] or (route and not fused_wgrad):
         dense = gy.t() @ x  # dLoss/dW in the compute dtype, as nn.Linear's backward forms it
         if needs[1]:
             grad[1] = dense.to(weight.dtype)
-        if route and not fused:
+        if route and not fused_wgrad:
             grad[3], grad[4] = backend.gate_backward(dense, diff, log_alpha, *gates, l0_lambda)
-    if route and fused:
+    if route and fused_wgrad:
         grad[3], grad[4] = backend.gated_linear_grad_weight(gy, x, diff.contiguous(), log_alpha.contiguous(), *gates,
                                                             l0_lambda)
     if bias is not None and (needs[2] or needs[5] or needs[6]):
@@ -394,19 +409,19 @@ class DiffLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta,
-                l0_lambda, fused):
+                l0_lambda, fused, fused_wgrad):
         ctx.backend = select("diff_linear", diff.device, diff.dtype)
         y, w_eff = _diff_linear_forward_impl(ctx.backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha,
                                              seed, training, l, r, beta, fused)
         ctx.save_for_backward(x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha, seed)
-        ctx.args = (training, l, r, beta, l0_lambda, fused)
+        ctx.args = (training, l, r, beta, l0_lambda, fused, fused_wgrad)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
         grads = _diff_linear_backward_impl(ctx.backend, grad_y, *saved, *ctx.args, ctx.needs_input_grad[:7])
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 # torch.compile sees the same computation as two custom ops (opaque to tracing, so the backend
@@ -417,14 +432,15 @@ class DiffLinearFunction(torch.autograd.Function):
 def _diff_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, diff: torch.Tensor,
                     log_alpha: torch.Tensor, bias_diff: torch.Tensor | None, bias_log_alpha: torch.Tensor | None,
                     seed: torch.Tensor, training: bool, l: float, r: float, beta: float, l0_lambda: float,
-                    fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    fused: bool, fused_wgrad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     backend = select("diff_linear", diff.device, diff.dtype)
     return _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed,
                                      training, l, r, beta, fused)
 
 
 @_diff_linear_op.register_fake
-def _(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta, l0_lambda, fused):
+def _(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta, l0_lambda, fused,
+      fused_wgrad):
     w_eff = x.new_empty(0) if fused else x.new_empty(weight.shape)
     return x.new_empty((x.shape[0], weight.shape[0])), w_eff
 
@@ -434,16 +450,17 @@ def _diff_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torc
                              w_eff: torch.Tensor, diff: torch.Tensor, log_alpha: torch.Tensor,
                              bias_diff: torch.Tensor | None, bias_log_alpha: torch.Tensor | None, seed: torch.Tensor,
                              training: bool, l: float, r: float, beta: float, l0_lambda: float, fused: bool,
-                             needs: list[bool]) -> list[torch.Tensor]:
+                             fused_wgrad: bool, needs: list[bool]) -> list[torch.Tensor]:
     backend = select("diff_linear", diff.device, diff.dtype)
     grads = _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff,
-                                       bias_log_alpha, seed, training, l, r, beta, l0_lambda, fused, needs)
+                                       bias_log_alpha, seed, training, l, r, beta, l0_lambda, fused, fused_wgrad,
+                                       needs)
     return [g if g is not None else _empty(diff) for g in grads]
 
 
 @_diff_linear_backward_op.register_fake
 def _(grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta,
-      l0_lambda, fused, needs):
+      l0_lambda, fused, fused_wgrad, needs):
     return _fake_grads((x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha), needs, diff)
 
 
@@ -456,8 +473,7 @@ def _diff_linear_setup_context(ctx, inputs, output):
 def _diff_linear_op_backward(ctx, grad_y, _grad_w_eff):
     needs = list(ctx.needs_input_grad[:7])
     grads = torch.ops.dpkernels.diff_linear_backward(grad_y, *ctx.saved_tensors, *ctx.args, needs)
-    return (*[g if need else None for g, need in zip(grads, needs, strict=True)], None, None, None, None, None, None,
-            None)
+    return (*[g if need else None for g, need in zip(grads, needs, strict=True)],) + (None,) * 8
 
 
 _diff_linear_op.register_autograd(_diff_linear_op_backward, setup_context=_diff_linear_setup_context)
@@ -499,12 +515,12 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     log_alpha and their gradients stay fp32; the weight gradient g = dY^T X is the compute dtype's
     GEMM output on the unfused path and the fp32 accumulator on the fused path.
 
-    Paths (``DPKERNELS_DIFF_LINEAR`` = auto | fused | unfused, see :data:`FUSED_MAX_TOKENS`): the
-    unfused path writes the effective weight once and uses cuBLAS (saving that compute-dtype
-    weight for dX, as nn.Linear saves its weight); the fused path (triton backend) draws the gates
-    inside the GEMMs' tile loads and routes the weight gradient in the GEMM's epilogue, so nothing
-    weight-sized is written or saved. Under torch.compile the call is the custom op
-    ``dpkernels::diff_linear`` (no graph break).
+    Paths (``DPKERNELS_DIFF_LINEAR`` = auto | fused | unfused | fused-forward | fused-wgrad, see
+    :data:`FUSED_MAX_TOKENS`): the unfused path writes the effective weight once and uses cuBLAS
+    (saving that compute-dtype weight for dX, as nn.Linear saves its weight); the fused path
+    (triton backend) draws the gates inside the GEMMs' tile loads and routes the weight gradient in
+    the GEMM's epilogue, so nothing weight-sized is written or saved; the two halves can be chosen
+    apart. Under torch.compile the call is the custom op ``dpkernels::diff_linear`` (no graph break).
     """
     _check_diff_linear(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha)
     check_gate_config(l, r, beta)
@@ -518,7 +534,7 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     backend = select("diff_linear", diff.device, diff.dtype)
     fused = _fused_diff_linear(backend, x2.shape[0], x2.dtype)
     args = (x2, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed_t, bool(training), float(l), float(r),
-            float(beta), float(l0_lambda), fused)
+            float(beta), float(l0_lambda), *fused)
     if torch.compiler.is_compiling():
         y = torch.ops.dpkernels.diff_linear(*args)[0]
     else:

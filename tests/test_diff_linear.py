@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_close_by_rule
+from conftest import _CASES, _case_marks, assert_close_by_rule
 
 import dpkernels
 from dpkernels import reference as ref
@@ -31,14 +31,18 @@ def _params(lead, k, n, bias, device, dtype=torch.float32, seed=0):
 TRAINABLE = ("x", "diff", "log_alpha", "bias_diff", "bias_log_alpha")
 
 
-@pytest.fixture(autouse=True, params=["unfused", "fused"])
-def linear_path(request, monkeypatch):
-    """Every test on both diff-linear paths where the backend has both (triton); once elsewhere."""
-    backend = request.getfixturevalue("device_backend")[1] if "device_backend" in request.fixturenames else None
-    if request.param == "fused" and backend != "triton":
-        pytest.skip("only the triton backend has the fused path")
-    monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", request.param)
-    return request.param
+# (device, backend, diff-linear path): the triton backend on each of its paths, the others once.
+_PATH_CASES = [pytest.param((d, b, path), id=f"{d}-{b}-{path}", marks=_case_marks(d, b)) for d, b in _CASES
+               for path in (("unfused", "fused", "fused-forward", "fused-wgrad") if b == "triton" else ("unfused",))]
+
+
+@pytest.fixture(params=_PATH_CASES)
+def device_backend(request, monkeypatch):
+    """conftest's device_backend, with DPKERNELS_DIFF_LINEAR set too."""
+    device, backend, path = request.param
+    monkeypatch.setenv("DPKERNELS_BACKEND", backend)
+    monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", path)
+    return device, backend
 
 
 def _run(fn, p, *, seed, training, l0_lambda, trainable=TRAINABLE):

@@ -180,8 +180,10 @@ def test_path_choice_errors(monkeypatch):
         dpkernels.diff_linear(*args, seed=1)
     monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "fused")
     monkeypatch.setenv("DPKERNELS_BACKEND", "torch")
-    with pytest.raises(ValueError, match="needs the triton backend"):
-        dpkernels.diff_linear(*args, seed=1)
+    for path in ("fused", "fused-forward", "fused-wgrad"):
+        monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", path)
+        with pytest.raises(ValueError, match=f"DPKERNELS_DIFF_LINEAR={path} needs the triton backend"):
+            dpkernels.diff_linear(*args, seed=1)
 
 
 def test_seed_tensor_is_the_int_seed_and_bad_seed_tensors_raise():
@@ -195,7 +197,7 @@ def test_seed_tensor_is_the_int_seed_and_bad_seed_tensors_raise():
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("path", ["fused", "unfused"])
+@pytest.mark.parametrize("path", ["fused", "unfused", "fused-forward", "fused-wgrad"])
 def test_nothing_fp32_weight_sized_is_saved_for_backward(device, path, monkeypatch):
     monkeypatch.setenv("DPKERNELS_BACKEND", "triton")
     monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", path)
@@ -206,12 +208,13 @@ def test_nothing_fp32_weight_sized_is_saved_for_backward(device, path, monkeypat
     parameters = {t.data_ptr() for t in (w, b, d, la)}
     weight_sized = [t for t in y.grad_fn.saved_tensors
                     if t is not None and t.numel() == w.numel() and t.data_ptr() not in parameters]
-    # Unfused: one bf16 copy of the effective weight (as nn.Linear saves its weight); fused: none.
-    assert [t.dtype for t in weight_sized] == ([] if path == "fused" else [torch.bfloat16])
+    # Unfused forward: one bf16 copy of the effective weight (as nn.Linear saves its weight); fused: none.
+    assert [t.dtype for t in weight_sized] == ([] if path in ("fused", "fused-forward") else [torch.bfloat16])
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("path,backend", [("fused", "triton"), ("unfused", "triton"), ("unfused", "torch")])
+@pytest.mark.parametrize("path,backend", [("fused", "triton"), ("unfused", "triton"), ("fused-forward", "triton"),
+                                          ("fused-wgrad", "triton"), ("unfused", "torch")])
 @pytest.mark.parametrize("training", [True, False])
 def test_custom_ops_pass_opcheck(device, path, backend, training, monkeypatch):
     monkeypatch.setenv("DPKERNELS_BACKEND", backend)
@@ -222,7 +225,7 @@ def test_custom_ops_pass_opcheck(device, path, backend, training, monkeypatch):
     base = (w.clone().requires_grad_(), b.clone().requires_grad_())  # a frozen base that asks for gradients
     for weight, bias, bias_diff, bias_la in ((w, b, bd, bla), (w, b, None, None), (w, None, None, None),
                                              (*base, bd, bla)):
-        args = (x, weight, bias, d, la, bias_diff, bias_la, seed, training, *GATES, 0.02, path == "fused")
+        args = (x, weight, bias, d, la, bias_diff, bias_la, seed, training, *GATES, 0.02, *ops._PATHS[path])
         torch.library.opcheck(torch.ops.dpkernels.diff_linear.default, args)
 
 
