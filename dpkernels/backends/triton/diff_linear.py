@@ -44,10 +44,13 @@ def _configs(names: tuple[str, str, str], sizes) -> list[triton.Config]:
             for a, b, c, w, s in sizes]
 
 
-# (rows, cols, reduction, warps, stages). Small row blocks for decoding-sized M.
-_MATMUL_SIZES = [(16, 64, 128, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                 (128, 64, 64, 4, 4), (128, 128, 64, 8, 3)]
-_WGRAD_SIZES = [(64, 64, 64, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 32, 8, 3)]
+# (rows, cols, reduction, warps, stages). Small row blocks for decoding-sized M. The gate draw
+# (Philox, ~10 live registers per element) bounds the weight tile to ~16 elements per thread: in
+# sm_90 builds (tests/test_triton_sm90.py) larger tiles or fewer warps spill to local memory, e.g.
+# 128x128x64 with 8 warps (784 B of stack in the forward GEMM, 1.5 KB in the weight gradient).
+_MATMUL_SIZES = [(16, 32, 64, 4, 3), (16, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+                 (128, 64, 32, 8, 3), (64, 64, 16, 4, 3)]
+_WGRAD_SIZES = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3), (32, 128, 64, 8, 3)]
 _INTERPRETER_SIZES = (16, 16, 16)  # the interpreter runs blocks in numpy: small blocks, no tuning
 
 
