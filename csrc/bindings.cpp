@@ -1,13 +1,17 @@
 // Python bindings of dpkernels._C: validation of every input, device guard, dtype mapping, launch.
 //
-// gate_forward / gate_backward take the arguments of dpkernels.reference.gate_forward /
-// gate_backward (dpkernels/backends/cuda.py normalises the seed to [0, 2**64) and makes inputs
-// contiguous, as the Triton launchers do). Bad input raises TypeError (dtype), ValueError
-// (shape, layout, device, range) or RuntimeError (CUDA), never reaches a kernel. Dtypes, shapes
-// and layout are checked before devices, so CPU-only CI exercises those checks too.
+// gate_forward / gate_backward, scatter_apply / scatter_restore and sddmm take the arguments of the
+// dpkernels.reference functions of those names (dpkernels/backends/cuda.py normalises the seed to
+// [0, 2**64) and makes inputs contiguous, as the Triton launchers do). Bad input raises TypeError
+// (dtype), ValueError (shape, layout, device, range) or RuntimeError (CUDA), never reaches a
+// kernel. Dtypes, shapes and layout are checked before devices, so CPU-only CI exercises those
+// checks too. What the sparse kernels trust about device data (indices, the pointer table) is
+// said in scatter.cu / sddmm.cu; the Python layer checks it (with a host sync) when a diff or mask
+// is built, not on every launch.
 //
-// CPU test hooks compile gates.cuh / philox.cuh (the kernels' own __host__ __device__ code) with the
-// host compiler: philox4x32, philox_uniform (CPU or CUDA offsets), hard_concrete_cpu.
+// CPU test hooks compile gates.cuh / philox.cuh / scatter.cuh (the kernels' own __host__ __device__
+// code) with the host compiler: philox4x32, philox_uniform (CPU or CUDA offsets), hard_concrete_cpu,
+// scatter_merge_cpu.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,10 +23,12 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "gates.cuh"
 #include "launchers.h"
 #include "philox.cuh"
+#include "scatter.cuh"
 
 namespace dpkernels {
 namespace {
@@ -46,17 +52,27 @@ void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
 }
 
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " has shape ", t.sizes(), ", log_alpha has ", ref.sizes());
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name = "log_alpha") {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " has shape ", t.sizes(), ", ", ref_name, " has ", ref.sizes());
 }
 
 void check_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
-void check_on_device_of(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+void check_on_device_of(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                        const char* ref_name = "log_alpha") {
   TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got a ", t.device().type(), " tensor");
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), ", log_alpha on ", ref.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), ", ", ref_name, " on ", ref.device());
+}
+
+void check_1d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+}
+
+void check_index_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
+                   " must be int32 or int64, got ", t.scalar_type());
 }
 
 void check_offset(int64_t offset, int64_t n) {
@@ -192,6 +208,138 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& g, const at::
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sparse ops: the one-launch scatter (apply / restore) and the sampled weight gradient (sddmm)
+// ---------------------------------------------------------------------------------------------
+
+// The layout shared by scatter_apply and scatter_restore (dpkernels.reference.scatter_apply's
+// arguments), checked as far as the host can without reading device memory: dtypes, 1-D
+// contiguous streams of one length n, `starts` a partition of [0, n) over the targets with no
+// tensor given more entries than it has elements, every target contiguous in saved's dtype, then
+// every tensor on saved's device. What stays trusted (table[t] == targets[t].data_ptr(), ids
+// consistent with starts, index in range and unique per tensor) is listed in scatter.cu.
+struct ScatterLayout {
+  ElemType type;
+  bool index64;
+  int64_t n;
+};
+
+ScatterLayout check_scatter(const std::vector<at::Tensor>& targets, const at::Tensor& table, const at::Tensor& ids,
+                            const at::Tensor& index, const at::Tensor* values, const std::vector<int64_t>& starts,
+                            const at::Tensor& saved) {
+  const ElemType type = elem_type(saved.scalar_type(), "saved");
+  check_dtype(table, at::kLong, "table");
+  check_dtype(ids, at::kInt, "ids");
+  check_index_dtype(index, "index");
+  if (values != nullptr) check_dtype(*values, at::kFloat, "values");
+  for (size_t t = 0; t < targets.size(); ++t) {
+    TORCH_CHECK_TYPE(targets[t].scalar_type() == saved.scalar_type(), "targets[", t, "] is ",
+                     targets[t].scalar_type(), ", saved is ", saved.scalar_type(), " (one launch takes one dtype)");
+  }
+  check_1d(saved, "saved");
+  check_1d(table, "table");
+  check_1d(ids, "ids");
+  check_1d(index, "index");
+  if (values != nullptr) check_1d(*values, "values");
+  const int64_t n = saved.numel();
+  check_like(ids, saved, "ids", "saved");
+  check_like(index, saved, "index", "saved");
+  if (values != nullptr) check_like(*values, saved, "values", "saved");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(targets.size()) == table.numel(), "table has ", table.numel(),
+                    " pointers for ", targets.size(), " targets");
+  TORCH_CHECK_VALUE(!starts.empty() && starts.size() <= targets.size() + 1,
+                    "starts must hold 1 to len(targets) + 1 = ", targets.size() + 1, " offsets, got ", starts.size());
+  TORCH_CHECK_VALUE(starts.front() == 0 && starts.back() == n, "starts must run from 0 to the ", n,
+                    " entries, got ", starts.front(), " .. ", starts.back());
+  for (size_t t = 0; t + 1 < starts.size(); ++t) {
+    TORCH_CHECK_VALUE(starts[t] <= starts[t + 1], "starts must be non-decreasing, got ", starts[t], " then ",
+                      starts[t + 1], " at position ", t);
+    TORCH_CHECK_VALUE(starts[t + 1] - starts[t] <= targets[t].numel(), "targets[", t, "] has ",
+                      targets[t].numel(), " elements but ", starts[t + 1] - starts[t], " entries");
+  }
+  check_contiguous(saved, "saved");
+  check_contiguous(table, "table");
+  check_contiguous(ids, "ids");
+  check_contiguous(index, "index");
+  if (values != nullptr) check_contiguous(*values, "values");
+  for (size_t t = 0; t < targets.size(); ++t) {
+    TORCH_CHECK_VALUE(targets[t].is_contiguous(), "targets[", t, "] must be contiguous");
+  }
+  check_on_device_of(saved, saved, "saved", "saved");
+  check_on_device_of(table, saved, "table", "saved");
+  check_on_device_of(ids, saved, "ids", "saved");
+  check_on_device_of(index, saved, "index", "saved");
+  if (values != nullptr) check_on_device_of(*values, saved, "values", "saved");
+  for (size_t t = 0; t < targets.size(); ++t) {
+    TORCH_CHECK_VALUE(targets[t].device() == saved.device(), "targets[", t, "] is on ", targets[t].device(),
+                      ", saved on ", saved.device());
+  }
+  return ScatterLayout{type, index.scalar_type() == at::kLong, n};
+}
+
+at::Tensor scatter_apply(const std::vector<at::Tensor>& targets, const at::Tensor& table, const at::Tensor& ids,
+                         const at::Tensor& index, const at::Tensor& values, const std::vector<int64_t>& starts,
+                         const at::Tensor& saved) {
+  const ScatterLayout layout = check_scatter(targets, table, ids, index, &values, starts, saved);
+  if (layout.n) {
+    const c10::cuda::CUDAGuard guard(saved.device());
+    check_launch(launch_scatter_apply(layout.type, table.data_ptr<int64_t>(), table.numel(),
+                                      ids.data_ptr<int32_t>(), index.data_ptr(), layout.index64,
+                                      values.data_ptr<float>(), saved.data_ptr(), layout.n,
+                                      max_blocks_for_current_device(), c10::cuda::getCurrentCUDAStream()),
+                 "scatter_apply");
+  }
+  return saved;
+}
+
+void scatter_restore(const std::vector<at::Tensor>& targets, const at::Tensor& table, const at::Tensor& ids,
+                     const at::Tensor& index, const std::vector<int64_t>& starts, const at::Tensor& saved) {
+  const ScatterLayout layout = check_scatter(targets, table, ids, index, nullptr, starts, saved);
+  if (layout.n) {
+    const c10::cuda::CUDAGuard guard(saved.device());
+    check_launch(launch_scatter_restore(layout.type, table.data_ptr<int64_t>(), table.numel(),
+                                        ids.data_ptr<int32_t>(), index.data_ptr(), layout.index64, saved.data_ptr(),
+                                        layout.n, max_blocks_for_current_device(),
+                                        c10::cuda::getCurrentCUDAStream()),
+                 "scatter_restore");
+  }
+}
+
+// grad_y (M, N), x (M, K) of one float dtype, any strides; index int64 1-D contiguous. The kernel
+// wants dY^T and X^T with unit stride along M: a transposed view when the input already is
+// column-major, else a transposed copy (as the Triton launcher makes).
+at::Tensor sddmm(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& index, int64_t in_features) {
+  const ElemType type = elem_type(grad_y.scalar_type(), "grad_y");
+  TORCH_CHECK_TYPE(x.scalar_type() == grad_y.scalar_type(), "x must have grad_y's dtype ", grad_y.scalar_type(),
+                   ", got ", x.scalar_type());
+  check_dtype(index, at::kLong, "index");
+  TORCH_CHECK_VALUE(grad_y.dim() == 2, "grad_y must be 2-D (tokens, out_features), got shape ", grad_y.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (tokens, in_features), got shape ", x.sizes());
+  check_1d(index, "index");
+  TORCH_CHECK_VALUE(x.size(0) == grad_y.size(0), "x has ", x.size(0), " tokens, grad_y has ", grad_y.size(0));
+  TORCH_CHECK_VALUE(in_features == x.size(1), "in_features is ", in_features, " but x has ", x.size(1), " columns");
+  const int64_t m = x.size(0), n_rows = grad_y.size(1), k = in_features;
+  TORCH_CHECK_VALUE(k == 0 || n_rows <= std::numeric_limits<int64_t>::max() / k, "out_features * in_features = ",
+                    n_rows, " * ", k, " overflows int64");
+  check_contiguous(index, "index");
+  check_on_device_of(grad_y, grad_y, "grad_y", "grad_y");
+  check_on_device_of(x, grad_y, "x", "grad_y");
+  check_on_device_of(index, grad_y, "index", "grad_y");
+
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const int64_t nnz = index.numel();
+  at::Tensor out = at::empty({nnz}, grad_y.options().dtype(type == ElemType::kFloat64 ? at::kDouble : at::kFloat));
+  if (nnz == 0) return out;
+  at::Tensor dyt = grad_y.t(), xt = x.t();
+  if (m > 1 && dyt.stride(1) != 1) dyt = dyt.contiguous();
+  if (m > 1 && xt.stride(1) != 1) xt = xt.contiguous();
+  check_launch(launch_sddmm(type, dyt.data_ptr(), dyt.stride(0), xt.data_ptr(), xt.stride(0),
+                            index.data_ptr<int64_t>(), out.data_ptr(), nnz, m, n_rows, k,
+                            max_blocks_for_current_device(), c10::cuda::getCurrentCUDAStream()),
+               "sddmm");
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Test hooks
 // ---------------------------------------------------------------------------------------------
 
@@ -241,13 +389,38 @@ std::tuple<at::Tensor, at::Tensor> hard_concrete_cpu(const at::Tensor& log_alpha
   return {z, dz};
 }
 
+template <typename S>
+void merge_all(const void* old, const float* values, void* out, int64_t n) {
+  const auto* src = static_cast<const S*>(old);
+  auto* dst = static_cast<S*>(out);
+  for (int64_t i = 0; i < n; ++i) dst[i] = Merge<S>::apply(src[i], values[i]);
+}
+
+// The scatter kernel's merge (scatter.cuh) over CPU tensors: out[i] = round(acc(old[i]) + acc(values[i])).
+at::Tensor scatter_merge_cpu(const at::Tensor& old, const at::Tensor& values) {
+  const ElemType type = elem_type(old.scalar_type(), "old");
+  check_dtype(values, at::kFloat, "values");
+  check_like(values, old, "values", "old");
+  TORCH_CHECK_VALUE(old.is_cpu() && values.is_cpu(), "scatter_merge_cpu takes CPU tensors, got ", old.device(),
+                    " and ", values.device());
+  const at::Tensor src = old.contiguous(), vals = values.contiguous();
+  at::Tensor out = at::empty_like(src);
+  const int64_t n = src.numel();
+  const float* v = vals.data_ptr<float>();
+  visit_elem_type(type, [&](auto tag) {
+    merge_all<MergeStorage<decltype(tag)>>(src.data_ptr(), v, out.data_ptr(), n);
+    return cudaSuccess;
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace dpkernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace dpkernels;
-  m.doc() = "dpkernels CUDA extension: hard-concrete gate kernels with Triton's Philox stream";
+  m.doc() = "dpkernels CUDA extension: hard-concrete gate kernels with Triton's Philox stream, sparse diff ops";
   m.def("gate_forward", &gate_forward,
         "Gates z (fp32) or theta0 + z * diff in out_dtype; arguments as dpkernels.reference.gate_forward",
         py::arg("log_alpha"), py::arg("seed"), py::arg("offset"), py::arg("training"), py::arg("l"), py::arg("r"),
@@ -258,6 +431,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g"), py::arg("diff"), py::arg("log_alpha"), py::arg("seed"), py::arg("offset"), py::arg("training"),
         py::arg("l"), py::arg("r"), py::arg("beta"), py::arg("l0_lambda") = 0.0, py::arg("grad_diff") = py::none(),
         py::arg("grad_log_alpha") = py::none());
+  m.def("scatter_apply", &scatter_apply,
+        "Merge a sparse diff into same-dtype tensors in one launch, saving the overwritten values; returns "
+        "saved. Arguments as dpkernels.reference.scatter_apply",
+        py::arg("targets"), py::arg("table"), py::arg("ids"), py::arg("index"), py::arg("values"), py::arg("starts"),
+        py::arg("saved"));
+  m.def("scatter_restore", &scatter_restore,
+        "Write saved back where scatter_apply merged, bit for bit; arguments as dpkernels.reference.scatter_restore",
+        py::arg("targets"), py::arg("table"), py::arg("ids"), py::arg("index"), py::arg("starts"), py::arg("saved"));
+  m.def("sddmm", &sddmm,
+        "(grad_y^T x) at sorted flat indices, fp32 (fp64 for fp64 inputs); arguments as dpkernels.reference.sddmm",
+        py::arg("grad_y"), py::arg("x"), py::arg("index"), py::arg("in_features"));
   m.def("philox4x32", &philox4x32_host, "Philox4x32-10 of one counter and key (host code; a test hook)",
         py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("k0"), py::arg("k1"));
   m.def("philox_uniform", &philox_uniform_any,
@@ -266,4 +450,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hard_concrete_cpu", &hard_concrete_cpu,
         "(z, dz/dlog_alpha) from the kernels' gate math compiled for the host; a test hook", py::arg("log_alpha"),
         py::arg("seed"), py::arg("offset"), py::arg("training"), py::arg("l"), py::arg("r"), py::arg("beta"));
+  m.def("scatter_merge_cpu", &scatter_merge_cpu,
+        "round(acc(old) + acc(values)) from the scatter kernel's merge compiled for the host; a test hook",
+        py::arg("old"), py::arg("values"));
 }

@@ -1,10 +1,12 @@
 """The CUDA extension dpkernels._C.
 
-On the CPU (run by CI, skipped when the extension is not built): the kernels' own Philox and gate
-math (csrc/philox.cuh, csrc/gates.cuh, compiled for the host) against the reference, and the input
-validation of the kernel entry points, which runs before any GPU is touched. On a GPU (`cuda`
-marker): the kernels against Triton and the float64 reference, both load paths, bad inputs.
-The backend-parametrized tests (test_gates, test_diff_linear, ...) also run the cuda backend.
+On the CPU (run by CI, skipped when the extension is not built): the kernels' own Philox, gate
+math and scatter rounding (csrc/philox.cuh, csrc/gates.cuh, csrc/scatter.cuh, compiled for the
+host) against the reference, and the input validation of the kernel entry points, which runs
+before any GPU is touched. On a GPU (`cuda` marker): the kernels against Triton and the reference
+(gates: float64 by the tolerance rule; scatter: bit for bit; sddmm: float64 by the rule), both
+load paths, bad inputs. The backend-parametrized tests (test_gates, test_diff_linear,
+test_scatter's 1000 switches, test_fixed_mask, ...) also run the cuda backend.
 """
 
 import subprocess
@@ -16,9 +18,10 @@ import torch
 from conftest import CUDA_EXT_MISSING, HAS_CUDA, assert_close_by_rule
 from test_gates import GATE_ATOL, GATE_CONFIGS, U_ZERO_OFFSETS, U_ZERO_SEED, _log_alpha, _near_boundary, _sbar64
 from test_philox import _KAT, _offsets, _seeds, _triton_rand
+from test_scatter import _INT, _layout
 
 import dpkernels
-from dpkernels import backends
+from dpkernels import backends, sparse
 from dpkernels import reference as ref
 from dpkernels.backends import cuda as cuda_backend
 
@@ -92,6 +95,47 @@ def test_host_gate_math_at_u_zero_and_extreme_log_alpha(ext, cfg):
         assert torch.equal(z, torch.tensor([1.0, 0.0] * 50)) and torch.equal(dz, torch.zeros(100))
 
 
+def _merge_inputs(dtype, gen):
+    """Bases and fp32 deltas that hit every rounding case of the merge: random magnitudes, exact
+    ties of the target dtype (odd and even last bit), subnormals, overflow to inf, +-inf, zeros."""
+    n = 4096
+    span = 12 if dtype == torch.float16 else 20  # bases up to 2**span (fp16 overflows at 65504)
+    old = (torch.randn(n, generator=gen, dtype=torch.float64)
+           * torch.exp2(torch.randint(-span, span, (n,), generator=gen).double())).to(dtype)
+    values = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 4, (n,), generator=gen).float()))
+    if dtype in (torch.bfloat16, torch.float16):
+        # Half an ulp of the base exactly: the fp32 sum is a tie that round-to-nearest-even decides.
+        ulp = (old.float().abs().view(torch.int32) & 0x7F800000).view(torch.float32) * torch.finfo(dtype).eps
+        values[: n // 4] = (ulp / 2 * torch.where(torch.rand(n, generator=gen) < 0.5, 1.0, -1.0))[: n // 4]
+    info = torch.finfo(dtype)
+    old[-8:] = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 0.0, -0.0, float("inf"),
+                             float("-inf")], dtype=torch.float64).to(dtype)
+    values[-8:] = torch.tensor([info.max, -info.max, -info.tiny / 2, info.smallest_normal / 8, -0.0, 0.0, 1.0,
+                                -1.0]).clamp(-3e38, 3e38)
+    return old, values
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_host_scatter_merge_rounds_as_the_reference_bit_for_bit(ext, dtype):
+    old, values = _merge_inputs(dtype, torch.Generator().manual_seed(3))
+    acc = ref._merge_dtype(dtype)
+    expected = (old.to(acc) + values.to(acc)).to(dtype)
+    merged = ext.scatter_merge_cpu(old, values)
+    assert merged.dtype == dtype
+    assert torch.equal(merged.view(_INT[dtype]), expected.view(_INT[dtype]))
+    assert int((merged != old).sum()) > 100 and int((merged == old).sum()) > 0  # both outcomes happen
+
+
+@needs_ext
+def test_host_scatter_merge_nan_gives_the_canonical_bf16_nan(ext):
+    old = torch.tensor([1.0, float("nan"), float("inf"), 3.0], dtype=torch.bfloat16)
+    values = torch.tensor([float("nan"), 1.0, float("-inf"), -float("nan")])
+    merged = ext.scatter_merge_cpu(old, values).view(torch.int16)
+    assert torch.equal(merged, torch.full((4,), 0x7FC0, dtype=torch.int16))  # torch's CPU cast and the Triton kernel
+    assert ext.scatter_merge_cpu(old.half(), values).isnan().all()  # fp16 NaN bits follow __float2half_rn
+
+
 # --------------------------------------------------------------------------------------------
 # Validation of the kernel entry points (CPU: every check before the device check)
 # --------------------------------------------------------------------------------------------
@@ -111,6 +155,33 @@ def _bwd(**over):
     args.update(over)
     return ("gate_backward", args)
 
+
+def _scatter_args(with_values=True, **over):
+    # A valid layout but for the device: two targets, three entries (two in the first).
+    args = dict(targets=[torch.zeros(5), torch.zeros(3)], table=torch.zeros(2, dtype=torch.int64),
+                ids=torch.tensor([0, 0, 1], dtype=torch.int32), index=torch.tensor([1, 4, 2], dtype=torch.int32),
+                values=torch.ones(3), starts=[0, 2, 3], saved=torch.empty(3))
+    if not with_values:
+        del args["values"]
+    args.update(over)
+    return args
+
+
+def _apply(**over):
+    return ("scatter_apply", _scatter_args(**over))
+
+
+def _restore(**over):
+    return ("scatter_restore", _scatter_args(with_values=False, **over))
+
+
+def _sddmm(**over):
+    args = dict(grad_y=torch.ones(5, 4), x=torch.ones(5, 3), index=torch.tensor([0, 5, 11]), in_features=3)
+    args.update(over)
+    return ("sddmm", args)
+
+
+_HUGE = torch.zeros(1, 1).expand(1, 2**40)  # a (1, 2**40) view of one element: shapes without memory
 
 BAD_CALLS = [
     (_fwd(log_alpha=torch.zeros(6, dtype=torch.float64)), TypeError, "log_alpha must be Float"),
@@ -144,6 +215,51 @@ BAD_CALLS = [
     (_bwd(offset=-5), ValueError, "offset must satisfy"),
     (_bwd(), ValueError, "log_alpha must be a CUDA tensor"),
     (_bwd(grad_diff=torch.zeros(6), grad_log_alpha=torch.zeros(6)), ValueError, "must be a CUDA tensor"),
+    (_apply(saved=torch.empty(3, dtype=torch.int32)), TypeError, "saved must be float32, float64, float16 or bf"),
+    (_apply(table=torch.zeros(2, dtype=torch.int32)), TypeError, "table must be Long"),
+    (_apply(ids=torch.tensor([0, 0, 1])), TypeError, "ids must be Int"),
+    (_apply(index=torch.tensor([1.0, 4.0, 2.0])), TypeError, "index must be int32 or int64"),
+    (_apply(values=torch.ones(3, dtype=torch.float64)), TypeError, "values must be Float"),
+    (_apply(targets=[torch.zeros(5), torch.zeros(3, dtype=torch.float64)]), TypeError,
+     r"targets\[1\] is Double, saved is Float"),
+    (_apply(saved=torch.empty(3, 1)), ValueError, "saved must be 1-D"),
+    (_apply(ids=torch.tensor([0, 0], dtype=torch.int32)), ValueError, r"ids has shape \[2\], saved has \[3\]"),
+    (_apply(index=torch.tensor([1, 4, 2, 0])), ValueError, r"index has shape \[4\]"),
+    (_apply(values=torch.ones(2)), ValueError, r"values has shape \[2\]"),
+    (_apply(table=torch.zeros(3, dtype=torch.int64)), ValueError, "table has 3 pointers for 2 targets"),
+    (_apply(starts=[]), ValueError, "starts must hold 1 to len"),
+    (_apply(starts=[0, 1, 2, 3]), ValueError, "starts must hold 1 to len"),
+    (_apply(starts=[0, 2]), ValueError, "starts must run from 0 to the 3 entries"),
+    (_apply(starts=[1, 2, 3]), ValueError, "starts must run from 0"),
+    (_apply(starts=[0, 4, 3], targets=[torch.zeros(5), torch.zeros(5)]), ValueError, "starts must be non-decreas"),
+    (_apply(starts=[0, 0, 3], targets=[torch.zeros(5), torch.zeros(2)]), ValueError,
+     r"targets\[1\] has 2 elements but 3 entries"),
+    (_apply(saved=torch.empty(6)[::2]), ValueError, "saved must be contiguous"),
+    (_apply(index=torch.tensor([1, 0, 4, 0, 2, 0])[::2]), ValueError, "index must be contiguous"),
+    (_apply(values=torch.ones(6)[::2]), ValueError, "values must be contiguous"),
+    (_apply(targets=[torch.zeros(5, 2).t(), torch.zeros(3)]), ValueError, r"targets\[0\] must be contiguous"),
+    (_apply(), ValueError, "saved must be a CUDA tensor, got a cpu tensor"),
+    (_apply(targets=[], table=torch.zeros(0, dtype=torch.int64), ids=torch.zeros(0, dtype=torch.int32),
+            index=torch.zeros(0, dtype=torch.int32), values=torch.zeros(0), starts=[0], saved=torch.empty(0)),
+     ValueError, "saved must be a CUDA tensor"),  # an empty diff is checked too
+    (_restore(saved=torch.empty(3, dtype=torch.int64)), TypeError, "saved must be float32"),
+    (_restore(ids=torch.tensor([0, 1], dtype=torch.int32)), ValueError, r"ids has shape \[2\]"),
+    (_restore(starts=[0, 1, 3], targets=[torch.zeros(5), torch.zeros(1)]), ValueError,
+     r"targets\[1\] has 1 elements but 2 entries"),
+    (_restore(table=torch.zeros(2, 1, dtype=torch.int64)), ValueError, "table must be 1-D"),
+    (_restore(), ValueError, "saved must be a CUDA tensor"),
+    (_sddmm(grad_y=torch.ones(5, 4, dtype=torch.int64)), TypeError, "grad_y must be float32"),
+    (_sddmm(x=torch.ones(5, 3, dtype=torch.float16)), TypeError, "x must have grad_y's dtype Float, got Half"),
+    (_sddmm(index=torch.tensor([0, 5, 11], dtype=torch.int32)), TypeError, "index must be Long"),
+    (_sddmm(grad_y=torch.ones(20)), ValueError, "grad_y must be 2-D"),
+    (_sddmm(x=torch.ones(5, 3, 1)), ValueError, "x must be 2-D"),
+    (_sddmm(index=torch.tensor([[0, 5, 11]])), ValueError, "index must be 1-D"),
+    (_sddmm(x=torch.ones(4, 3)), ValueError, "x has 4 tokens, grad_y has 5"),
+    (_sddmm(in_features=4), ValueError, "in_features is 4 but x has 3 columns"),
+    (_sddmm(index=torch.tensor([0, 1, 5, 2, 11, 3])[::2]), ValueError, "index must be contiguous"),
+    (_sddmm(grad_y=_HUGE, x=_HUGE, in_features=2**40, index=torch.tensor([0])), ValueError, "overflows int64"),
+    (_sddmm(), ValueError, "grad_y must be a CUDA tensor, got a cpu tensor"),
+    (_sddmm(index=torch.zeros(0, dtype=torch.int64)), ValueError, "grad_y must be a CUDA tensor"),
 ]
 
 
@@ -165,6 +281,12 @@ def test_test_hooks_reject_bad_input(ext):
         ext.hard_concrete_cpu(torch.zeros(3, dtype=torch.float64), 0, 0, True, L, R, BETA)
     with pytest.raises(ValueError, match="offset must satisfy"):
         ext.hard_concrete_cpu(torch.zeros(3), 0, -1, True, L, R, BETA)
+    with pytest.raises(TypeError, match="old must be float32"):
+        ext.scatter_merge_cpu(torch.zeros(3, dtype=torch.int32), torch.zeros(3))
+    with pytest.raises(TypeError, match="values must be Float"):
+        ext.scatter_merge_cpu(torch.zeros(3), torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"values has shape \[2\], old has \[3\]"):
+        ext.scatter_merge_cpu(torch.zeros(3), torch.zeros(2))
 
 
 @needs_ext
@@ -177,6 +299,34 @@ def test_backend_wrapper_normalises_seeds_and_reaches_the_device_check(monkeypat
         cuda_backend.gate_forward(torch.zeros(4), 2**64, 0, True, L, R, BETA)
     monkeypatch.setenv("DPKERNELS_BACKEND", "cuda")
     assert dpkernels.info()["backends"]["cuda"] == {"available": True, "reason": None}
+
+
+@needs_ext
+def test_sparse_wrappers_reach_the_device_check():
+    # Tuples for targets/starts, mixed float dtypes (promoted) and int32 indices (widened) pass the
+    # wrappers' normalisation and every dtype/shape check; CPU tensors then stop at the device check.
+    _, args = _apply()
+    args = dict(args, targets=tuple(args["targets"]), starts=tuple(args["starts"]))
+    with pytest.raises(ValueError, match="saved must be a CUDA tensor"):
+        cuda_backend.scatter_apply(**args)
+    del args["values"]
+    with pytest.raises(ValueError, match="saved must be a CUDA tensor"):
+        cuda_backend.scatter_restore(**args)
+    with pytest.raises(ValueError, match="grad_y must be a CUDA tensor"):
+        cuda_backend.sddmm(torch.ones(5, 4, dtype=torch.bfloat16), torch.ones(5, 3, dtype=torch.float16),
+                           torch.tensor([0, 5], dtype=torch.int32), 3)
+
+
+@needs_ext
+@pytest.mark.parametrize("op,dtypes", [("scatter_apply", sparse._SCATTER_DTYPES),
+                                       ("scatter_restore", sparse._SCATTER_DTYPES), ("sddmm", None)])
+def test_the_cuda_backend_offers_the_sparse_primitives(monkeypatch, op, dtypes):
+    # The dispatcher decides from the device type and dtype alone, so this runs without a GPU.
+    monkeypatch.setenv("DPKERNELS_BACKEND", "cuda")
+    for dtype in dtypes or (torch.float32,):
+        module = backends.select(op, torch.device("cuda"), dtype, dtypes=dtypes, primitive=op)
+        assert module is cuda_backend and callable(getattr(module, op))
+    assert dpkernels.info()["last_used"][op] == "cuda"
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,3 +458,186 @@ class TestOnGPU:
         assert ext.gate_forward(empty, *args, theta0=empty.half(), diff=empty).dtype == torch.float16
         gw, gla = ext.gate_backward(empty, empty, empty, *args, 0.5)
         assert gw.shape == gla.shape == (0, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the sparse kernels against the reference (scatter bit for bit, sddmm by the rule)
+# --------------------------------------------------------------------------------------------
+
+_SCATTER_SIZES = [1, 9, 341, 4231, 2, 1030]
+
+
+def _gpu_layout(dtype, index_dtype, seed=0, sizes=_SCATTER_SIZES):
+    """test_scatter's random layout on the GPU, with an empty tensor first in the table (no entries)
+    and one more after the last entry's tensor (past len(starts) - 1: none either)."""
+    targets, _, ids, index, values, starts = _layout(sizes, 0.3, dtype, "cuda", torch.Generator().manual_seed(seed),
+                                                     index_dtype)
+    targets = [torch.empty(0, dtype=dtype, device="cuda"), *targets, torch.randn(7, device="cuda").to(dtype)]
+    table = torch.tensor([t.data_ptr() for t in targets], dtype=torch.int64, device="cuda")
+    return targets, table, ids + 1, index, values, [0, *starts]
+
+
+def _assert_bits(a, b, dtype):
+    assert torch.equal(a.view(_INT[dtype]), b.view(_INT[dtype]))
+
+
+class TestOnGPUSparse:  # "TestOnGPU" in the name: gpu_check.sh runs it under compute-sanitizer too
+    pytestmark = needs_gpu
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+    @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+    def test_scatter_matches_the_reference_bit_for_bit(self, dtype, index_dtype):
+        targets, table, ids, index, values, starts = _gpu_layout(dtype, index_dtype)
+        originals = [t.clone() for t in targets]
+        expected = [t.clone() for t in targets]
+        expected_saved = torch.empty(ids.numel(), dtype=dtype, device="cuda")
+        ref.scatter_apply(expected, None, ids, index, values, starts, expected_saved)
+        saved = torch.full((ids.numel(),), float("nan"), dtype=dtype, device="cuda")  # poisoned: must be written
+        assert cuda_backend.scatter_apply(targets, table, ids, index, values, starts, saved) is saved
+        _assert_bits(saved, expected_saved, dtype)
+        for t, e in zip(targets, expected, strict=True):
+            _assert_bits(t, e, dtype)
+        assert sum(int((t != o).sum()) for t, o in zip(targets, originals, strict=True)) > 0
+        cuda_backend.scatter_restore(targets, table, ids, index, starts, saved)
+        for t, o in zip(targets, originals, strict=True):
+            _assert_bits(t, o, dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+    def test_scatter_vector_and_scalar_paths_agree(self, dtype):
+        # Streams one element into a larger buffer: not pack-aligned, so the scalar path.
+        targets, _, ids, index, values, starts = _gpu_layout(dtype, torch.int32, seed=4)
+        results = []
+        for shift in (0, 1):
+            work = [t.clone() for t in targets]
+            tab = torch.tensor([t.data_ptr() for t in work], dtype=torch.int64, device="cuda")
+            streams = []
+            for s in (ids, index, values, torch.empty(ids.numel(), dtype=dtype, device="cuda")):
+                buf = torch.empty(s.numel() + shift, dtype=s.dtype, device="cuda")
+                buf[shift:] = s
+                streams.append(buf[shift:])
+            i, x, v, saved = streams
+            cuda_backend.scatter_apply(work, tab, i, x, v, starts, saved)
+            results.append((work, saved.clone()))
+            cuda_backend.scatter_restore(work, tab, i, x, starts, saved)
+            for t, o in zip(work, targets, strict=True):
+                _assert_bits(t, o, dtype)
+        (a, sa), (b, sb) = results
+        _assert_bits(sa, sb, dtype)
+        for x, y in zip(a, b, strict=True):
+            _assert_bits(x, y, dtype)
+
+    def test_scatter_covers_more_entries_than_one_grid_pass(self):
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        n = sms * 8 * 256 * 4 * 2 + 3  # beyond the capped grid: the grid-stride loop, and a partial pack
+        base = torch.randn(n + 10, device="cuda").bfloat16()
+        original = base.clone()
+        index = torch.randperm(n + 10, device="cuda")[:n].sort().values
+        values = torch.randn(n, device="cuda")
+        ids = torch.zeros(n, dtype=torch.int32, device="cuda")
+        table = torch.tensor([base.data_ptr()], dtype=torch.int64, device="cuda")
+        saved = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+        expected = base.clone()
+        ref.scatter_apply([expected], None, ids, index, values, [0, n], torch.empty_like(saved))
+        cuda_backend.scatter_apply([base], table, ids, index, values, [0, n], saved)
+        _assert_bits(base, expected, torch.bfloat16)
+        _assert_bits(saved, original[index], torch.bfloat16)
+        cuda_backend.scatter_restore([base], table, ids, index, [0, n], saved)
+        _assert_bits(base, original, torch.bfloat16)
+
+    def test_scatter_skips_ids_outside_the_table_and_bad_input_raises(self, ext):
+        targets, table, ids, index, values, starts = _gpu_layout(torch.float32, torch.int64, seed=2)
+        before = [t.clone() for t in targets]
+        bad_ids = ids.clone()
+        bad_ids[0], bad_ids[-1] = len(targets), -1  # outside [0, len(table)): never dereferenced
+        saved = torch.zeros(ids.numel(), device="cuda")
+        ext.scatter_apply(targets, table, bad_ids, index, values, starts, saved)
+        ext.scatter_restore(targets, table, bad_ids, index, starts, saved)
+        torch.cuda.synchronize()
+        for t, o in zip(targets, before, strict=True):
+            _assert_bits(t, o, torch.float32)
+        args = dict(targets=targets, table=table, ids=ids, index=index, values=values, starts=starts, saved=saved)
+        for over, error, match in [
+            (dict(ids=ids.cpu()), ValueError, "ids must be a CUDA tensor"),
+            (dict(table=table.cpu()), ValueError, "table must be a CUDA tensor"),
+            (dict(targets=[*targets[:-1], targets[-1].cpu()]), ValueError, r"targets\[7\] is on cpu"),
+            (dict(saved=saved.double()), TypeError, r"targets\[0\] is Float, saved is Double"),
+            (dict(values=values[:-1]), ValueError, "values has shape"),
+            (dict(index=index.view(1, -1)), ValueError, "index must be 1-D"),
+            (dict(saved=torch.zeros(2 * ids.numel(), device="cuda")[::2]), ValueError, "saved must be contiguous"),
+        ]:
+            with pytest.raises(error, match=match):
+                ext.scatter_apply(**{**args, **over})
+        if torch.cuda.device_count() > 1:
+            with pytest.raises(ValueError, match="index is on cuda:1, saved on cuda:0"):
+                ext.scatter_apply(**{**args, "index": index.to("cuda:1")})
+        torch.cuda.synchronize()  # no sticky CUDA error was left behind
+
+    @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 341, 9), (341, 9, 341), (0, 9, 9), (130, 64, 48), (4231, 24, 40),
+                                       (256, 40, 24)])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+    def test_sddmm_matches_the_float64_reference(self, m, k, n, dtype):
+        gen = torch.Generator().manual_seed(m + k + n)
+        gy = torch.randn(m, n, generator=gen).to("cuda", dtype)
+        x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+        index = torch.randperm(n * k, generator=gen)[: max(1, n * k // 5)].sort().values.cuda()
+        oracle = ref.sddmm(gy.double(), x.double(), index, k)
+        same = ref.sddmm(gy, x, index, k)
+        scale = (gy.double().abs().t() @ x.double().abs()).max().item() if m else 0.0
+        eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        perm = torch.randperm(index.numel(), generator=gen).cuda()
+        outs = {"row-major": cuda_backend.sddmm(gy, x, index, k),  # transposed copies (aligned when M is)
+                # used in place: padded aligned rows (16-byte packs, then a tail when M is odd) ...
+                "column-major": cuda_backend.sddmm(_column_major(gy), _column_major(x), index, k),
+                # ... and rows one element off alignment (element by element)
+                "unaligned": cuda_backend.sddmm(_column_major(gy, 1), _column_major(x, 1), index, k),
+                "unsorted": cuda_backend.sddmm(gy, x, index[perm], k)[perm.argsort()]}
+        for name, out in outs.items():
+            assert out.dtype == same.dtype and out.shape == index.shape, name
+            assert_close_by_rule(out, same, oracle, 4 * eps * scale, f"sddmm {dtype} {name}")
+
+    def test_sddmm_grid_stride_empty_and_out_of_range(self, ext):
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        n, k = 1000, sms * 8 * 8 // 1000 + 7  # more entries than the capped grid (sms * 8 blocks of 8 warps)
+        gy, x = torch.randn(33, n, device="cuda"), torch.randn(33, k, device="cuda")
+        index = torch.arange(n * k, device="cuda")
+        assert_close_by_rule(ext.sddmm(gy, x, index, k), ref.sddmm(gy, x, index, k),
+                             ref.sddmm(gy.double(), x.double(), index, k), 1e-5, "sddmm")
+        assert ext.sddmm(gy, x, index[:0], k).shape == (0,)
+        assert torch.equal(ext.sddmm(gy[:0], x[:0], index[:5], k), torch.zeros(5, device="cuda"))
+        # An index outside [0, N K) (which ops.check_mask_index rejects first) reads nothing: NaN.
+        out = ext.sddmm(gy, x, torch.tensor([-1, 3, n * k], device="cuda"), k)
+        torch.cuda.synchronize()
+        assert out[0].isnan() and out[2].isnan() and torch.isfinite(out[1])
+        with pytest.raises(ValueError, match="index must be a CUDA tensor"):
+            ext.sddmm(gy, x, index.cpu(), k)
+        with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+            ext.sddmm(gy, x.cpu(), index, k)
+        with pytest.raises(TypeError, match="x must have grad_y's dtype"):
+            ext.sddmm(gy, x.half(), index, k)
+        with pytest.raises(ValueError, match="index must be contiguous"):
+            ext.sddmm(gy, x, index[::2], k)
+        with pytest.raises(ValueError, match="x has 32 tokens"):
+            ext.sddmm(gy, x[1:], index, k)
+
+    def test_fixed_mask_linear_runs_its_weight_gradient_on_the_cuda_backend(self, monkeypatch):
+        monkeypatch.setenv("DPKERNELS_BACKEND", "cuda")
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(7, 13, generator=gen).cuda().requires_grad_()
+        weight = torch.randn(11, 13, generator=gen).cuda()
+        index = torch.randperm(11 * 13, generator=gen)[:20].sort().values.cuda()
+        values = torch.randn(20, generator=gen).cuda().requires_grad_()
+        dpkernels.fixed_mask_linear(x, weight, None, index, values).square().sum().backward()
+        assert dpkernels.info()["last_used"]["sddmm"] == "cuda"
+        expected = (2 * (x @ ref.masked_weight(weight, index, values.detach()).t())).t() @ x
+        torch.testing.assert_close(values.grad, expected.reshape(-1)[index].detach())
+
+
+def _column_major(t, shift=0):
+    """t (M, C) stored column by column, each column in a row of a NaN-filled buffer padded to a
+    multiple of 16 elements (16-byte aligned for every dtype), the whole `shift` elements in."""
+    m, c = t.shape
+    ld = (m + 16) // 16 * 16
+    buf = torch.full((c * ld + shift,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[shift:].view(c, ld)[:, :m]
+    view.copy_(t.t())
+    return view.t()
