@@ -26,7 +26,7 @@ import os
 import torch
 
 import dpkernels
-from benchmarks.common import environment, measure, print_table, write_rows
+from benchmarks.common import cuda_extension_loads, environment, measure, print_table, write_rows
 from dpkernels import ops, reference
 
 DEFAULT_SHAPES = "768x3072,3072x768,1024x4096,4096x1024,4096x4096,4096x11008"
@@ -75,17 +75,6 @@ def _providers(k: int, n: int, device: str):
         "cuda": (backend("cuda"), gated),
         "fixed-mask": (fixed_step, [fixed.diff_values, fixed.bias_diff_values]),
     }
-
-
-def _cuda_extension_loads() -> bool:
-    from dpkernels import backends
-
-    try:
-        backends.load("cuda")
-    except backends.BackendUnavailable as exc:
-        print(f"bench_diff_linear: no cuda provider ({exc})")
-        return False
-    return True
 
 
 def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers: list[str]) -> list[dict]:
@@ -147,7 +136,7 @@ def main(argv=None) -> int:
     default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,triton-fused-forward," \
         "triton-fused-wgrad,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
-    if args.providers is None and args.device == "cuda" and _cuda_extension_loads():
+    if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_diff_linear"):
         providers.append("cuda")
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]

@@ -12,6 +12,7 @@ diffs are made against the fp32 base and applied to its bf16 cast (the fingerpri
 Providers, each timed over a full switch A -> B (undo A, apply B) on the bf16 model:
 
     triton      TaskSwitcher, Triton backend: one restore launch and one apply launch in all
+    cuda        TaskSwitcher, the compiled extension's scatter kernels (when dpkernels._C is built)
     torch       TaskSwitcher, torch backend: the reference's per-tensor loop (index ops per tensor)
     index_add   per tensor ``p.index_add_(-A)`` then ``p.index_add_(+B)`` in bf16 (the naive way; it
                 does not restore the base exactly -- the drift is reported)
@@ -42,7 +43,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import dpkernels
-from benchmarks.common import environment, measure, print_table, write_rows
+from benchmarks.common import cuda_extension_loads, environment, measure, print_table, write_rows
 from dpkernels import SparseDiff, TaskSwitcher
 from dpkernels.nn import iter_gated
 
@@ -116,7 +117,7 @@ def run(device: str, sizes: dict, sparsity: float, providers: list[str]) -> tupl
     scatter_bytes = 12 * nnz["a"] + 18 * nnz["b"]
     switcher = TaskSwitcher(model).add("a", diffs["a"]).add("b", diffs["b"])
     exact = True
-    for provider in [p for p in providers if p in ("triton", "torch")]:
+    for provider in [p for p in providers if p in ("triton", "cuda", "torch")]:
         with _backend(provider):
             switcher.switch("a")
             order = itertools.cycle("ba")
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{name}", type=int, default=None)
     parser.add_argument("--sparsity", type=float, default=0.005)
     parser.add_argument("--providers", default=None,
-                        help="comma list of triton,torch,index_add,dense (default: all on CUDA, no triton on CPU)")
+                        help="comma list of triton,cuda,torch,index_add,dense (default: all on CUDA, cuda when "
+                             "the extension is built; torch,index_add,dense on CPU)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args(argv)
     given = {k: getattr(args, k) for k in LARGE if getattr(args, k) is not None}
@@ -200,6 +202,8 @@ def main(argv=None) -> int:
     sizes = {**defaults, **given}
     providers = (args.providers or ("triton,torch,index_add,dense" if args.device == "cuda"
                                     else "torch,index_add,dense")).split(",")
+    if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_switch"):
+        providers.insert(1, "cuda")
     rows, summary = run(args.device, sizes, args.sparsity, providers)
     print_table(rows)
     print(json.dumps({k: summary[k] for k in ("tensors", "params", "nnz", "diff_file_bytes",

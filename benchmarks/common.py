@@ -43,6 +43,18 @@ def _commit() -> str:
         return "unknown"
 
 
+def cuda_extension_loads(bench: str) -> bool:
+    """Whether the cuda backend (dpkernels._C) loads, for a benchmark's default providers; says why not."""
+    from dpkernels import backends
+
+    try:
+        backends.load("cuda")
+    except backends.BackendUnavailable as exc:
+        print(f"{bench}: no cuda provider ({exc})")
+        return False
+    return True
+
+
 def environment(device: str) -> dict:
     try:
         triton_version = version("triton")
