@@ -75,11 +75,11 @@ def variants():
         GROUP_M=8), warps, stages
     wgrad = dict(GY_ptr="bf16", X_ptr="bf16", DIFF_ptr="fp32", LA_ptr="fp32", GRAD_DIFF_ptr="fp32",
                  GRAD_LA_ptr="fp32")
-    for bn, bk, bm, warps, stages in diff_linear._WGRAD_SIZES:
-        const = dict(TRAINING=True, HAS_L0=True, DOT_FP32=False, PRECISION="tf32", BLOCK_N=bn, BLOCK_K=bk,
-                     BLOCK_M=bm, GROUP_N=8)
-        yield f"gated_wgrad bf16 {bn}x{bk}x{bm} w{warps}", diff_linear._gated_wgrad_kernel, wgrad, const, warps, \
-            stages
+    for bn, bk, bm, split, warps, stages in diff_linear._WGRAD_SIZES:
+        const = dict(TRAINING=True, HAS_L0=True, DOT_FP32=False, PRECISION="tf32", EPILOGUE_SPLIT=split, BLOCK_N=bn,
+                     BLOCK_K=bk, BLOCK_M=bm, GROUP_N=8)
+        yield f"gated_wgrad bf16 {bn}x{bk}x{bm} split{split} w{warps}", diff_linear._gated_wgrad_kernel, wgrad, \
+            const, warps, stages
     for training in (True, False):
         yield f"gate_forward apply training={training}", gates._gate_forward_kernel, dict(
             LA_ptr="fp32", THETA0_ptr="bf16", DIFF_ptr="fp32", OUT_ptr="bf16"), dict(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICES, assert_close_by_rule, max_err
+from conftest import HAS_CUDA, INTERPRETED, TRITON_DEVICES, assert_close_by_rule, max_err
 
 import dpkernels
 from dpkernels import ops
@@ -86,6 +86,24 @@ def _far_from_clamp(la64, seed, offset, training):
         s = torch.sigmoid(la64)
     sbar = s * (R - L) + L
     return (sbar.abs() > 1e-5) & ((sbar - 1).abs() > 1e-5)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's fixed blocks; on a GPU autotuning picks the slices")
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_weight_gradient_epilogue_slices_route_the_same_gradients(split, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("dpkernels.backends.triton.diff_linear")
+    monkeypatch.setitem(module._WGRAD_BLOCKS, "EPILOGUE_SPLIT", split)
+    m, k, n = 21, 45, 19  # partial tiles in both directions, with 16x16 blocks
+    t = _inputs(m, k, n, "cpu", torch.float32, torch.float32, seed=split)
+    gates = (2**40 + split, 5, True, *GATES)
+    gd, gla = module.gated_linear_grad_weight(t["gy"], t["x"], t["diff"], t["log_alpha"], *gates, 0.1)
+    t64 = _f64(t)
+    gd64, gla64 = ref.gated_linear_grad_weight(t64["gy"], t64["x"], t64["diff"], t64["log_alpha"], *gates, 0.1)
+    far = _far_from_clamp(t64["log_alpha"], gates[0], gates[1], True)
+    torch.testing.assert_close(gd.double(), gd64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gla.double()[far], gla64[far], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

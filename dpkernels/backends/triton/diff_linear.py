@@ -20,6 +20,9 @@ Weight gradient with the gate routing in the epilogue (``gated_linear_grad_weigh
     G = dY^T X  (fp32 accumulator, never written)
     grad_diff = G z,   grad_log_alpha = G diff dz/dlog_alpha + l0_lambda p (1 - p)
 
+routed in 1, 2 or 4 column slices of the tile (EPILOGUE_SPLIT), which keeps the gate draw's
+registers live for one slice at a time and so allows larger tiles without spills.
+
 When each weight tile is re-read by many row blocks (large M) the rebuild's cost (Philox and
 three loads per element per row block) exceeds one gate-apply pass plus cuBLAS; ops.diff_linear
 picks the path per shape (see ``ops._fused_diff_linear``).
@@ -39,19 +42,25 @@ from .gates import _hard_concrete, _signed_seed
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(names: tuple[str, str, str], sizes) -> list[triton.Config]:
-    return [triton.Config(dict(zip(names, (a, b, c), strict=True)), num_warps=w, num_stages=s)
-            for a, b, c, w, s in sizes]
+def _configs(names: tuple[str, ...], sizes) -> list[triton.Config]:
+    """Autotuning configs from (*values of names, warps, stages) tuples."""
+    return [triton.Config(dict(zip(names, size[:-2], strict=True)), num_warps=size[-2], num_stages=size[-1])
+            for size in sizes]
 
 
-# (rows, cols, reduction, warps, stages). Small row blocks for decoding-sized M. The gate draw
-# (Philox, ~10 live registers per element) bounds the weight tile to ~16 elements per thread: in
-# sm_90 builds (tests/test_triton_sm90.py) larger tiles or fewer warps spill to local memory, e.g.
-# 128x128x64 with 8 warps (784 B of stack in the forward GEMM, 1.5 KB in the weight gradient).
+# Forward / dX GEMM: (rows, cols, reduction, warps, stages), small row blocks for decoding-sized M.
+# Weight gradient: (rows, cols, tokens, epilogue slices, warps, stages). The gate draw (Philox,
+# ~10 live registers per element) bounds the tile a thread may hold: in sm_90 builds
+# (tests/test_triton_sm90.py) larger tiles or fewer warps spill to local memory, e.g. 128x128x64
+# with 8 warps (784 B of stack per thread in the forward GEMM, 1.5 KB in the weight gradient).
+# Routing the weight gradient in 4 column slices brings 128x64 and 64x128 tiles under 255
+# registers with no spill; 128x128 still spills (200 B) and is left out.
 _MATMUL_SIZES = [(16, 32, 64, 4, 3), (16, 64, 64, 8, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3),
                  (128, 64, 32, 8, 3), (64, 64, 16, 4, 3)]
-_WGRAD_SIZES = [(64, 64, 64, 8, 3), (64, 64, 32, 8, 4), (32, 64, 64, 4, 3), (32, 128, 64, 8, 3)]
+_WGRAD_SIZES = [(64, 64, 64, 1, 8, 3), (64, 64, 64, 4, 8, 3), (128, 64, 64, 4, 8, 3), (64, 128, 64, 4, 8, 3),
+                (32, 128, 64, 1, 8, 3)]
 _INTERPRETER_SIZES = (16, 16, 16)  # the interpreter runs blocks in numpy: small blocks, no tuning
+_INTERPRETER_SPLIT = 4  # the most involved epilogue (tests vary it)
 
 
 @triton.jit
@@ -132,6 +141,7 @@ def _gated_wgrad_kernel(
     HAS_L0: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # route the tile in 1, 2 or 4 column slices
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid_n, pid_k = _grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
@@ -150,28 +160,65 @@ def _gated_wgrad_kernel(
             acc += tl.dot(gy_t.to(tl.float32), x.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(gy_t, x, input_precision=PRECISION)
-    # Epilogue: the gate routing of gate_backward on the fp32 accumulator.
+    # Epilogue: the gate routing of gate_backward on the fp32 accumulator, in EPILOGUE_SPLIT column
+    # slices so that the gate draw's registers are live for one slice at a time (no spills).
+    col0 = pid_k.to(tl.int64) * BLOCK_K
+    if EPILOGUE_SPLIT == 1:
+        _route_store(acc, rn, col0 + tl.arange(0, BLOCK_K), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr,
+                     seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+    else:
+        left, right = _halves(acc, BLOCK_N, BLOCK_K)
+        if EPILOGUE_SPLIT == 2:
+            _route_store(left, rn, col0 + tl.arange(0, BLOCK_K // 2), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr,
+                         GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+            _route_store(right, rn, col0 + BLOCK_K // 2 + tl.arange(0, BLOCK_K // 2), N, K, DIFF_ptr, LA_ptr,
+                         GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+        else:
+            q: tl.constexpr = BLOCK_K // 4
+            q0, q1 = _halves(left, BLOCK_N, BLOCK_K // 2)
+            q2, q3 = _halves(right, BLOCK_N, BLOCK_K // 2)
+            _route_store(q0, rn, col0 + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, seed,
+                         offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+            _route_store(q1, rn, col0 + q + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, seed,
+                         offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+            _route_store(q2, rn, col0 + 2 * q + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr,
+                         seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+            _route_store(q3, rn, col0 + 3 * q + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr,
+                         seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+
+
+@triton.jit
+def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The left and right column halves of a (ROWS, COLS) tile."""
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _route_store(g, rn, rk, N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda,
+                 l0_shift, TRAINING: tl.constexpr, HAS_L0: tl.constexpr):
+    """gate_backward's routing of the weight gradient tile g (rows rn, columns rk) into the grads."""
     e = rn[:, None] * K + rk[None, :]
-    inside = n_in[:, None] & k_in[None, :]
+    inside = (rn < N)[:, None] & (rk < K)[None, :]
     la = tl.load(LA_ptr + e, mask=inside, other=0.0)
     w = tl.load(DIFF_ptr + e, mask=inside, other=0.0)
     z, dz = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING)
-    grad_la = acc * w * dz
+    grad_la = g * w * dz
     if HAS_L0:
         p = tl.sigmoid(la - l0_shift)
         grad_la += l0_lambda * p * (1.0 - p)
-    tl.store(GRAD_DIFF_ptr + e, acc * z, mask=inside)
+    tl.store(GRAD_DIFF_ptr + e, g * z, mask=inside)
     tl.store(GRAD_LA_ptr + e, grad_la, mask=inside)
 
 
 if _INTERPRETED:
     _matmul, _wgrad = _gated_matmul_kernel, _gated_wgrad_kernel
     _MATMUL_BLOCKS = dict(zip(("BLOCK_M", "BLOCK_P", "BLOCK_Q"), _INTERPRETER_SIZES, strict=True))
-    _WGRAD_BLOCKS = dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _INTERPRETER_SIZES, strict=True))
+    _WGRAD_BLOCKS = dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _INTERPRETER_SIZES, strict=True),
+                         EPILOGUE_SPLIT=_INTERPRETER_SPLIT)
 else:  # autotuned per shape; M is keyed by its power-of-two bucket so that batches of one size share a choice
     _matmul = triton.autotune(_configs(("BLOCK_M", "BLOCK_P", "BLOCK_Q"), _MATMUL_SIZES),
                               key=["M_BUCKET", "P", "Q", "stride_bq"])(_gated_matmul_kernel)
-    _wgrad = triton.autotune(_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _WGRAD_SIZES),
+    _wgrad = triton.autotune(_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M", "EPILOGUE_SPLIT"), _WGRAD_SIZES),
                              key=["M_BUCKET", "N", "K"])(_gated_wgrad_kernel)
     _MATMUL_BLOCKS = _WGRAD_BLOCKS = {}
 
