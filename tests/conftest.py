@@ -78,3 +78,18 @@ def assert_close_by_rule(kernel, torch_same_dtype, oracle, atol: float, name: st
     err_torch = max_err(torch_same_dtype, oracle)
     assert err_kernel <= 2 * err_torch + atol, (
         f"{name}: kernel error {err_kernel:.3g} > 2 * torch error {err_torch:.3g} + atol {atol:.3g}")
+
+
+def far_from_clamp(log_alpha: torch.Tensor, seed, offset: int, training: bool, l=-1.5, r=1.5, beta=1.0):
+    """Mask of the gates whose float64 sbar is not within 1e-5 of 0 or 1, where fp32 may round across
+    the clamp (and so legitimately differ from the oracle in dz/dlog_alpha)."""
+    from dpkernels import reference
+
+    la = log_alpha.double()
+    if training:
+        u = reference.uniform(seed, la.numel(), offset, la.device).reshape(la.shape).double()
+        s = torch.sigmoid((u.log() - (1 - u).log() + la) / beta)
+    else:
+        s = torch.sigmoid(la)
+    sbar = s * (r - l) + l
+    return (sbar.abs() > 1e-5) & ((sbar - 1).abs() > 1e-5)

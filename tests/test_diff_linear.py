@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import _CASES, _case_marks, assert_close_by_rule
+from conftest import _CASES, _case_marks, assert_close_by_rule, far_from_clamp
 
 import dpkernels
 from dpkernels import reference as ref
@@ -64,21 +64,10 @@ def _run(fn, p, *, seed, training, l0_lambda, trainable=TRAINABLE):
 
 
 def _far_from_clamp(p, seed, training):
-    """Masks of gates whose fp64 sbar is not within 1e-5 of 0 or 1 (where fp32 may round across)."""
-    masks = {}
+    """far_from_clamp masks of the weight and bias gates (bias draws follow the weight's)."""
     offsets = {"log_alpha": 0, "bias_log_alpha": p["weight"].numel()}
-    for name, offset in offsets.items():
-        if name not in p:
-            continue
-        la = p[name].double()
-        if training:
-            u = ref.uniform(seed, la.numel(), offset, la.device).reshape(la.shape).double()
-            s = torch.sigmoid((u.log() - (1 - u).log() + la) / BETA)
-        else:
-            s = torch.sigmoid(la)
-        sbar = s * (R - L) + L
-        masks[name] = (sbar.abs() > 1e-5) & ((sbar - 1).abs() > 1e-5)
-    return masks
+    return {name: far_from_clamp(p[name], seed, offset, training, L, R, BETA) for name, offset in offsets.items()
+            if name in p}
 
 
 @pytest.mark.parametrize("lead,k,n", SHAPES)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import HAS_CUDA, INTERPRETED, TRITON_DEVICES, assert_close_by_rule, max_err
+from conftest import HAS_CUDA, INTERPRETED, TRITON_DEVICES, assert_close_by_rule, far_from_clamp, max_err
 
 import dpkernels
 from dpkernels import ops
@@ -72,20 +72,9 @@ def test_fused_kernels_match_float64_reference(device, cdt, base_dtype, training
         gd32, gla32 = ref.gated_linear_grad_weight(t["gy"].float(), t["x"].float(), t["diff"], t["log_alpha"], *gates,
                                                    lam)
         assert gd.dtype == gla.dtype == torch.float32
-        far = _far_from_clamp(t64["log_alpha"], seed, offset, training)
+        far = far_from_clamp(t64["log_alpha"], seed, offset, training)
         assert_close_by_rule(gd, gd32, gd64, _atol(gd64, torch.float32), "grad_diff")
         assert_close_by_rule(gla[far], gla32[far], gla64[far], _atol(gla64, torch.float32), "grad_log_alpha")
-
-
-def _far_from_clamp(la64, seed, offset, training):
-    """Gates whose float64 sbar is not within 1e-5 of 0 or 1 (fp32 may round across the clamp there)."""
-    if training:
-        u = ref.uniform(seed, la64.numel(), offset, la64.device).reshape(la64.shape).double()
-        s = torch.sigmoid((u.log() - (1 - u).log() + la64) / BETA)
-    else:
-        s = torch.sigmoid(la64)
-    sbar = s * (R - L) + L
-    return (sbar.abs() > 1e-5) & ((sbar - 1).abs() > 1e-5)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's fixed blocks; on a GPU autotuning picks the slices")
@@ -101,7 +90,7 @@ def test_weight_gradient_epilogue_slices_route_the_same_gradients(split, monkeyp
     gd, gla = module.gated_linear_grad_weight(t["gy"], t["x"], t["diff"], t["log_alpha"], *gates, 0.1)
     t64 = _f64(t)
     gd64, gla64 = ref.gated_linear_grad_weight(t64["gy"], t64["x"], t64["diff"], t64["log_alpha"], *gates, 0.1)
-    far = _far_from_clamp(t64["log_alpha"], gates[0], gates[1], True)
+    far = far_from_clamp(t64["log_alpha"], gates[0], gates[1], True)
     torch.testing.assert_close(gd.double(), gd64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gla.double()[far], gla64[far], rtol=1e-5, atol=1e-5)
 
