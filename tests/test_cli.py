@@ -92,8 +92,8 @@ def test_finetune_then_eval_end_to_end(tiny_model, toy_csv, tmp_path, capsys):
     data = ["--model", tiny_model, "--data", toy_csv, "--max-examples", "all", "--max-length", "16"]
     diff, summary_path = tmp_path / "task.safetensors", tmp_path / "summary.json"
     code, out, err = run_cli(["finetune", *data, "--batch-size", "8", "--sparsity", "10%", "--diff-lr", "0.02",
-                              "--head-lr", "0.02", "--l0-epochs", "2", "--fixed-epochs", "2", "--no-progress",
-                              "--output", diff, "--json", summary_path], capsys)
+                              "--fixed-lr", "0.02", "--head-lr", "0.02", "--l0-epochs", "2", "--fixed-epochs", "2",
+                              "--no-progress", "--output", diff, "--json", summary_path], capsys)
     assert code == 0, err
     summary = json.loads(summary_path.read_text())
     for row in ("test accuracy", "validation accuracy", "nonzeros", "% of parameters", "diff file",
@@ -132,15 +132,15 @@ def test_every_finetune_config_field_has_an_option():
     args = parser.parse_args(["finetune", "--model", "m", "--data", "d.csv", "--text-column", "t", "--label-column",
                               "l", "--max-examples", "all", "--max-length", "32", "--batch-size", "4",
                               "--l0-epochs", "3", "--fixed-epochs", "0", "--sparsity", "0.1%", "--l0-lambda", "0",
-                              "--diff-lr", "0.01", "--log-alpha-lr", "0.2", "--head-lr", "0.03",
+                              "--diff-lr", "0.01", "--fixed-lr", "0.04", "--log-alpha-lr", "0.2", "--head-lr", "0.03",
                               "--max-grad-norm", "5", "--warmup-ratio", "0", "--structured", "--alpha-init", "-1",
                               "--seed", "7", "--device", "cpu", "-o", "x.safetensors", "--no-progress"])
     cfg = cli._finetune_config(args)
     assert cfg == FinetuneConfig(model="m", data="d.csv", text_column="t", label_column="l", max_examples=None,
                                  max_length=32, batch_size=4, l0_epochs=3, fixed_epochs=0, sparsity=0.001,
-                                 l0_lambda=0.0, diff_lr=0.01, log_alpha_lr=0.2, head_lr=0.03, max_grad_norm=5.0,
-                                 warmup_ratio=0.0, structured=True, alpha_init=-1.0, seed=7, device="cpu",
-                                 output="x.safetensors", progress=False)
+                                 l0_lambda=0.0, diff_lr=0.01, fixed_lr=0.04, log_alpha_lr=0.2, head_lr=0.03,
+                                 max_grad_norm=5.0, warmup_ratio=0.0, structured=True, alpha_init=-1.0, seed=7,
+                                 device="cpu", output="x.safetensors", progress=False)
 
 
 @pytest.mark.parametrize("argv, message", [
