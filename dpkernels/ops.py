@@ -409,9 +409,9 @@ class DiffLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed, training, l, r, beta,
-                l0_lambda, fused, fused_wgrad):
-        ctx.backend = select("diff_linear", diff.device, diff.dtype)
-        y, w_eff = _diff_linear_forward_impl(ctx.backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha,
+                l0_lambda, fused, fused_wgrad, backend):
+        ctx.backend = backend
+        y, w_eff = _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha,
                                              seed, training, l, r, beta, fused)
         ctx.save_for_backward(x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha, seed)
         ctx.args = (training, l, r, beta, l0_lambda, fused, fused_wgrad)
@@ -421,7 +421,7 @@ class DiffLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
         grads = _diff_linear_backward_impl(ctx.backend, grad_y, *saved, *ctx.args, ctx.needs_input_grad[:7])
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads,) + (None,) * 9
 
 
 # torch.compile sees the same computation as two custom ops (opaque to tracing, so the backend
@@ -538,7 +538,7 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     if torch.compiler.is_compiling():
         y = torch.ops.dpkernels.diff_linear(*args)[0]
     else:
-        y = DiffLinearFunction.apply(*args)
+        y = DiffLinearFunction.apply(*args, backend)  # (the custom op, taking no module, selects its own)
     return y if x.dim() == 2 else y.reshape(*lead, n)
 
 

@@ -74,6 +74,23 @@ def _grouped_tile(pid, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.conste
     return first_r + (pid % per_group) % group_r, (pid % per_group) // group_r
 
 
+@triton.jit
+def _load_tile(PTR, rows, cols, stride_r, stride_c, rows_in, cols_in):
+    """The (rows, cols) tile of a strided 2-D tensor, zero outside the masks."""
+    return tl.load(PTR + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=rows_in[:, None] & cols_in[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _dot_acc(acc, a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b, accumulated in fp32; with fp32 operands under DOT_FP32 (the interpreter's bf16 dot is wrong)."""
+    if DOT_FP32:
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(a, b, input_precision=PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["seed", "offset", "M", "M_BUCKET"])
 def _gated_matmul_kernel(
     A_ptr,  # activations (M, Q), compute dtype; any strides
@@ -104,18 +121,14 @@ def _gated_matmul_kernel(
     for q0 in range(0, Q, BLOCK_Q):
         rq = q0 + tl.arange(0, BLOCK_Q).to(tl.int64)
         q_in = rq < Q
-        a = tl.load(A_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq, mask=m_in[:, None] & q_in[None, :],
-                    other=0.0)
+        a = _load_tile(A_ptr, rm, rq, stride_am, stride_aq, m_in, q_in)
         e = rq[:, None] * stride_bq + rp[None, :] * stride_bp
         b_in = q_in[:, None] & p_in[None, :]
         la = tl.load(LA_ptr + e, mask=b_in, other=0.0)
         z, _ = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING)
         w = tl.load(DIFF_ptr + e, mask=b_in, other=0.0)
         b = (tl.load(THETA0_ptr + e, mask=b_in, other=0.0).to(tl.float32) + z * w).to(A_ptr.dtype.element_ty)
-        if DOT_FP32:
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, b, input_precision=PRECISION)
+        acc = _dot_acc(acc, a, b, DOT_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS_ptr + rp, mask=p_in, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, acc.to(OUT_ptr.dtype.element_ty),
@@ -152,14 +165,9 @@ def _gated_wgrad_kernel(
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_in = rm < M
-        gy_t = tl.load(GY_ptr + rm[None, :] * stride_gm + rn[:, None] * stride_gn, mask=n_in[:, None] & m_in[None, :],
-                       other=0.0)
-        x = tl.load(X_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :],
-                    other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(gy_t.to(tl.float32), x.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(gy_t, x, input_precision=PRECISION)
+        gy_t = _load_tile(GY_ptr, rn, rm, stride_gn, stride_gm, n_in, m_in)  # dY^T: (N, M)
+        x = _load_tile(X_ptr, rm, rk, stride_xm, stride_xk, m_in, k_in)
+        acc = _dot_acc(acc, gy_t, x, DOT_FP32, PRECISION)
     # Epilogue: the gate routing of gate_backward on the fp32 accumulator, in EPILOGUE_SPLIT column
     # slices so that the gate draw's registers are live for one slice at a time (no spills).
     col0 = pid_k.to(tl.int64) * BLOCK_K
