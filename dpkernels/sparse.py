@@ -23,7 +23,9 @@ Tensors, per gated base tensor ``<name>`` (a parameter name of the model)::
 and ``<name>.dense`` (its own dtype) per dense task parameter. Metadata (str -> str, JSON where
 structured): ``tensors`` (name, shape, dtype, nnz, gate per gated tensor), ``dense`` (name, shape,
 dtype), ``gate_config`` (l, r, beta when all tensors share one, else null), ``nnz``, ``total``
-(gated elements), ``sparsity`` (nnz / total), ``values_dtype``, ``created_by``, and ``sha256``
+(gated elements), ``sparsity`` (nnz / total), ``values_dtype``, ``created_by``, optionally ``info``
+(a JSON object saying how the diff was made, e.g. the finetuning run's model, data and seed, so
+that ``dpkernels eval`` needs no flags; readers that predate it ignore it), and ``sha256``
 over every tensor's name, dtype, shape and bytes and the rest of the metadata, so any corrupt
 byte is caught at load.
 
@@ -172,9 +174,11 @@ class SparseDiff:
     with :class:`TaskSwitcher`. Construction validates every field (ValueError naming the problem).
     """
 
-    def __init__(self, tensors: Mapping[str, DiffTensor], dense: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, tensors: Mapping[str, DiffTensor], dense: Mapping[str, torch.Tensor] | None = None,
+                 info: Mapping | None = None):
         self.tensors = dict(tensors)
         self.dense = dict(dense or {})
+        self.info = _check_info(info)
         for name, t in self.tensors.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
@@ -196,7 +200,8 @@ class SparseDiff:
     # ---- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, gate_config: Mapping | None = None) -> SparseDiff:
+    def from_model(cls, model: nn.Module, *, gate_config: Mapping | None = None,
+                   info: Mapping | None = None) -> SparseDiff:
         """The eval-mode diff of a diff-pruned model: for every gated tensor (``iter_gated``) the
         nonzeros of ``z_eval * diff`` (L0 stage) or of the fixed-mask values, under the base
         parameter's plain name (``layer.weight``, also for parametrized parameters), and every
@@ -204,7 +209,7 @@ class SparseDiff:
         (l, r, beta) are recorded; ``gate_config`` ({l, r, beta}), if given, is the config every
         gated tensor must have (ValueError otherwise). If a diff is applied to the model
         (``apply`` or a TaskSwitcher), the fingerprint and dense parameters are read as they are
-        without it.
+        without it. ``info`` (a JSON-serialisable dict) is saved with the diff: how it was made.
         """
         expected = _check_gate(gate_config)
         deltas, bases, gates = {}, {}, {}
@@ -215,7 +220,7 @@ class SparseDiff:
             deltas[name] = gt.eval_delta()
             bases[name], gates[name] = gt.theta0, gate
         dense = dense_task_parameters(model)
-        return cls._build(model, bases, deltas, dense, gates)
+        return cls._build(model, bases, deltas, dense, gates, info)
 
     @classmethod
     def from_deltas(cls, model: nn.Module, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -230,7 +235,7 @@ class SparseDiff:
         return cls._build(model, bases, dict(deltas), dict(dense or {}), dict.fromkeys(deltas))
 
     @classmethod
-    def _build(cls, model, bases, deltas, dense, gates) -> SparseDiff:
+    def _build(cls, model, bases, deltas, dense, gates, info=None) -> SparseDiff:
         record = _APPLIED.get(model)
         tensors = {}
         for name, (index, values) in deltas.items():
@@ -246,7 +251,7 @@ class SparseDiff:
             tensors[name] = DiffTensor(tuple(theta0.shape), theta0.dtype, index.clone(), values, positions,
                                        _true_values(record, theta0, positions).to(torch.float32), gates[name])
         dense = {name: _true_tensor(record, p).clone() for name, p in dense.items()}
-        return cls(tensors, dense)
+        return cls(tensors, dense, info)
 
     # ---- summary -----------------------------------------------------------------------------
 
@@ -289,6 +294,7 @@ class SparseDiff:
         out = object.__new__(SparseDiff)
         out.tensors = {n: t.to(device) for n, t in self.tensors.items()}
         out.dense = {n: d.to(device) for n, d in self.dense.items()}
+        out.info = self.info
         return out
 
     # ---- file --------------------------------------------------------------------------------
@@ -307,6 +313,7 @@ class SparseDiff:
         from . import __version__
 
         gates = {json.dumps(t.gate, sort_keys=True) for t in self.tensors.values()}
+        info = {} if self.info is None else {"info": json.dumps(self.info, sort_keys=True)}
         return {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -320,6 +327,7 @@ class SparseDiff:
             "total": str(self.total),
             "sparsity": repr(self.sparsity),
             "values_dtype": "float32",
+            **info,
         }
 
     def save(self, path) -> int:
@@ -511,6 +519,18 @@ def _atomic_write(path: str, data: bytes) -> None:
             os.close(dir_fd)
 
 
+def _check_info(info) -> dict | None:
+    """`info` as JSON writes and reads it back (a dict; ValueError if json cannot write it)."""
+    if info is None:
+        return None
+    if not isinstance(info, Mapping):
+        raise ValueError(f"info must be a dict, got {type(info).__name__}")
+    try:
+        return json.loads(json.dumps(dict(info), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"info must be JSON-serialisable ({exc})") from None
+
+
 def _json_field(metadata: Mapping[str, str], key: str):
     if key not in metadata:
         raise ValueError(f"metadata has no {key!r}")
@@ -591,7 +611,11 @@ def _parse(raw: dict[str, torch.Tensor], metadata: dict | None) -> SparseDiff:
             raise ValueError(f"dense {name!r}: the file holds {_dtype_name(d.dtype)} {list(d.shape)}, the metadata "
                              f"says {dtype_name} {shape}")
         dense[name] = d
-    diff = SparseDiff(tensors, dense)
+    try:
+        info = _check_info(_json_field(metadata, "info")) if "info" in metadata else None
+    except ValueError as exc:
+        raise ValueError(f"metadata 'info': {exc}") from None
+    diff = SparseDiff(tensors, dense, info)
     for key, actual in (("nnz", diff.nnz), ("total", diff.total)):
         if _int_field(metadata, key) != actual:
             raise ValueError(f"metadata {key}={metadata[key]} but the tensors give {actual}")

@@ -4,9 +4,11 @@ finetune / eval / quality run on a tiny randomly initialised BERT saved to a tem
 a toy CSV whose label is whether a positive or a negative word occurs (learnable in seconds).
 """
 
+import csv
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,20 +108,39 @@ def test_finetune_then_eval_end_to_end(tiny_model, toy_csv, tmp_path, capsys):
     assert diff.stat().st_size == summary["diff_file_bytes"]
     assert summary["accuracy_test"] >= 0.7  # the toy task is learnable (0.9 today)
 
-    # The diff on a fresh copy of the base reproduces the accuracies measured after training.
-    for split, key in (("test", "accuracy_test"), ("validation", "accuracy_validation")):
+    # The diff on a fresh copy of the base reproduces the accuracies measured after training: with
+    # the run's data options given again, or with none (the diff records them).
+    assert f"dpkernels eval {diff}" in out
+    for split, key, given in (("test", "accuracy_test", data), ("validation", "accuracy_validation", [])):
         result_path = tmp_path / f"{split}.json"
-        code, out, err = run_cli(["eval", diff, *data, "--split", split, "--json", result_path], capsys)
+        code, out, err = run_cli(["eval", diff, *given, "--split", split, "--json", result_path], capsys)
         assert code == 0, err
         result = json.loads(result_path.read_text())
         assert result["accuracy"] == summary[key] and result["split"] == split
         assert f"{split} accuracy" in out and f"{100 * summary[key]:.2f}%" in out
+        assert result["config"]["model"] == os.path.abspath(tiny_model) and result["config"]["max_length"] == 16
 
     # A diff made for another base model is refused, with the reason, in one line.
     other = save_tiny_bert(tmp_path / "other", seed=1)
     capsys.readouterr()  # transformers' save progress bar
     code, out, err = run_cli(["eval", diff, "--model", other, *data[2:]], capsys)
     assert code == 2 and "wrong base model" in err and len(err.strip().splitlines()) == 1
+
+    # Data whose labels are not the recorded ones is refused, and so is a recorded model folder
+    # that is gone (with the option that overrides it).
+    relabelled = tmp_path / "relabelled.csv"
+    relabelled.write_text(Path(toy_csv).read_text().replace(",neg", ",bad").replace(",pos", ",good"))
+    code, out, err = run_cli(["eval", diff, "--data", relabelled], capsys)
+    assert code == 2 and "not the ones the diff was trained on" in err, err
+    moved = tmp_path / "moved"
+    Path(tiny_model).rename(moved)  # the fixture is shared: moved back below
+    try:
+        code, out, err = run_cli(["eval", diff], capsys)
+        assert code == 2 and "pass --model" in err, err
+        code, out, err = run_cli(["eval", diff, "--model", moved], capsys)
+        assert code == 0, err
+    finally:
+        moved.rename(tiny_model)
 
 
 def test_every_finetune_config_field_has_an_option():
@@ -295,6 +316,44 @@ def test_quality_report_end_to_end(tiny_model, toy_csv, tmp_path, monkeypatch, c
     assert "png" not in paths and "quality.png" not in (tmp_path / "noplot" / "quality.md").read_text()
 
 
+def test_quality_report_averages_seeds(tiny_model, toy_csv, tmp_path):
+    from benchmarks import quality
+
+    out_dir = tmp_path / "seeds"
+    assert quality.main(["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60",
+                         "--epochs", "2", "--max-length", "16", "--batch-size", "16", "--no-progress",
+                         "--methods", "full,diff0.5", "--seeds", "3,4", "--out", str(out_dir)]) == 0
+    report = json.loads((out_dir / "quality.json").read_text())
+    assert report["meta"]["seeds"] == [3, 4]
+    for r in report["rows"]:
+        assert len(r["test_accuracies"]) == len(r["validation_accuracies"]) == 2
+        assert r["test_accuracy"] == pytest.approx(sum(r["test_accuracies"]) / 2)
+    assert "(mean over 2 seeds; per seed " in report["verdict"]
+    assert "2 seeds (3, 4:" in (out_dir / "quality.md").read_text()
+    assert {p.name for p in out_dir.glob("*.safetensors")} == {"quality_diff0.5_seed3.safetensors",
+                                                               "quality_diff0.5_seed4.safetensors"}
+    with open(out_dir / "quality.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["seeds"] == "3;4" and len(rows[0]["test_accuracies"].split(";")) == 2
+
+    # Reports on other seeds (another machine, say) merge into one; other experiments or a seed
+    # twice do not.
+    common = ["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60", "--max-length", "16",
+              "--batch-size", "16", "--no-progress", "--methods", "full,diff0.5"]
+    assert quality.main([*common, "--epochs", "2", "--seeds", "5", "--out", str(tmp_path / "five")]) == 0
+    merged = tmp_path / "merged"
+    assert quality.main(["--merge", str(out_dir), str(tmp_path / "five"), "--out", str(merged)]) == 0
+    both = json.loads((merged / "quality.json").read_text())
+    five = json.loads((tmp_path / "five" / "quality.json").read_text())
+    assert both["meta"]["seeds"] == [3, 4, 5] and "(mean over 3 seeds; per seed " in both["verdict"]
+    for r, r2, r5 in zip(both["rows"], report["rows"], five["rows"], strict=True):
+        assert r["test_accuracies"] == r2["test_accuracies"] + r5["test_accuracies"]
+        assert r["test_accuracy"] == pytest.approx(sum(r["test_accuracies"]) / 3)
+    assert quality.main(["--merge", str(out_dir), str(out_dir), "--out", str(tmp_path / "x")]) == 2
+    assert quality.main([*common, "--epochs", "1", "--seeds", "6", "--out", str(tmp_path / "one")]) == 0
+    assert quality.main(["--merge", str(out_dir), str(tmp_path / "one"), "--out", str(tmp_path / "y")]) == 2
+
+
 def test_quality_arguments():
     from benchmarks import quality
 
@@ -308,3 +367,7 @@ def test_quality_arguments():
         quality.main(["--methods", "lora"])
     with pytest.raises(SystemExit):
         quality.main(["--epochs", "2", "--l0-epochs", "3"])
+    assert quality.build_parser().parse_args(["--seed", "7"]).seeds == [7]
+    for bad in ("1,1", "a", ","):
+        with pytest.raises(SystemExit):
+            quality.main(["--seeds", bad])

@@ -223,6 +223,21 @@ def test_save_load_round_trip(tmp_path, dtype):
     assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_info_travels_with_the_file(tmp_path):
+    model = Net()
+    info = {"finetune": {"model": None, "seed": 3, "labels": ["neg", "pos"], "max_examples": 3000}}
+    diff = random_diff(model, seed=1)
+    assert diff.info is None and "info" not in diff._metadata()  # optional: absent unless given
+    diff.info = info
+    loaded = SparseDiff.load(_write(tmp_path / "i.safetensors", *_raw_file(diff)))
+    assert loaded.info == info and loaded.to("cpu").info == info
+    assert SparseDiff(diff.tensors, diff.dense, info={"k": (1, 2)}).info == {"k": [1, 2]}  # as JSON reads it back
+    for bad, message in ((["a"], "info must be a dict"), ({"x": object()}, "JSON-serialisable"),
+                         ({"x": float("nan")}, "JSON-serialisable")):
+        with pytest.raises(ValueError, match=message):
+            SparseDiff(diff.tensors, diff.dense, info=bad)
+
+
 def _raw_file(diff):
     """(tensors, metadata) exactly as save() writes them."""
     tensors = {k: v.detach().cpu().clone() for k, v in diff._file_tensors().items()}
@@ -306,6 +321,8 @@ BAD_FILES = {
     "dense shape": (_tensor("head.weight.dense", lambda t: t[:2]), "dense 'head.weight'"),
     "gate config": (_set("gate_config", json.dumps({"l": -1.0, "r": 1.5, "beta": 1.0})), "gate_config"),
     "no checksum": (lambda t, m: None, "no sha256"),
+    "info not json": (_set("info", "{"), "'info' is not JSON"),
+    "info not an object": (_set("info", "[1, 2]"), "metadata 'info': info must be a dict"),
 }
 
 
