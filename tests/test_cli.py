@@ -354,6 +354,17 @@ def test_quality_report_averages_seeds(tiny_model, toy_csv, tmp_path):
     assert quality.main(["--merge", str(out_dir), str(tmp_path / "one"), "--out", str(tmp_path / "y")]) == 2
 
 
+def test_quality_verdict_counts_a_gap_of_exactly_one_point_as_met():
+    from benchmarks import quality
+
+    def rows(full, diff):
+        return [{"key": "full", "test_accuracy": full}, {"key": "diff0.5", "test_accuracy": diff}]
+
+    assert "-1.00 test-accuracy points" in quality.verdict(rows(0.77, 0.76))  # 100 * (0.76 - 0.77) < -1 in floats
+    assert quality.verdict(rows(0.77, 0.76)).endswith("**met**.")
+    assert quality.verdict(rows(0.77, 0.7566)).endswith("**missed**.")
+
+
 def test_quality_arguments():
     from benchmarks import quality
 
