@@ -330,6 +330,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> bool:
                          if r["key"].startswith("diff"))
     if len(diff_points) > 1:
         ax.plot(*zip(*diff_points, strict=True), color="tab:blue", lw=1, alpha=0.5)
+    most_seeds = max(len(r.get("seeds") or [0]) for r in rows)  # a point averaging fewer seeds says so
     for i, r in enumerate(sorted(rows, key=lambda r: r["percent_params"])):
         kind = "diff" if r["key"].startswith("diff") else r["method"].split()[0]
         marker, color = markers.get(kind, ("x", "gray"))
@@ -337,16 +338,19 @@ def plot(rows: list[dict], meta: dict, path: str) -> bool:
         ax.scatter([x], [y], marker=marker, color=color, zorder=3)
         right = r["key"] == "full"  # the rightmost point: its label goes to the left
         offset = (-5 if right else 5, 6 if i % 2 == 0 else -13)  # alternate above / below: fewer overlaps
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=offset, fontsize=8,
+        seeds = len(r.get("seeds") or [0])
+        label = r["method"] + (f" ({seeds} seed{'s' if seeds > 1 else ''})" if seeds < most_seeds else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8,
                     ha="right" if right else "left")
     ax.set_xscale("log")
     ax.set_xlabel("fraction of parameters stored per task (log)")
     ax.set_ylabel("test accuracy (%)")
+    seeds = f", mean of {most_seeds} seeds" if most_seeds > 1 else ""
     ax.set_title(f"{os.path.basename(str(meta['model']).split(' ')[0])}, {sum(meta['examples'].values()):,} "
-                 f"examples, {meta['epochs']} epoch(s), {meta['device']}", fontsize=9)
+                 f"examples, {meta['epochs']} epoch(s){seeds}, {meta['device']}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     if full:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

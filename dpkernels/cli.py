@@ -130,8 +130,9 @@ def _device_name(text: str) -> str:
 def human_bytes(n: float) -> str:
     """1234567 -> '1.23 MB' (decimal units, as ls -h --si and most file browsers show them)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        shown = round(n) if unit == "B" else float(f"{n:.3g}")  # 999.7 kB shows as 1 MB, not 1e+03 kB
+        if abs(shown) < 1000 or unit == "TB":
+            return f"{shown:g} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
 

@@ -217,6 +217,8 @@ def test_human_readable_sizes():
     assert cli.human_bytes(999) == "999 B"
     assert cli.human_bytes(1_234_567) == "1.23 MB"
     assert cli.human_bytes(90_856_000) == "90.9 MB"
+    assert cli.human_bytes(999_700) == "1 MB" and cli.human_bytes(999_499) == "999 kB"  # not "1e+03 kB"
+    assert cli.human_bytes(999.6) == "1 kB" and cli.human_bytes(0) == "0 B"
     assert cli.size_ratio(1_000_000, 90_000_000) == "90x smaller (1.11% of it)"
     assert cli.size_ratio(3, 2) == "1.5x larger"
     assert cli.human_seconds(5.04) == "5.0 s" and cli.human_seconds(125) == "2 min 05 s"
