@@ -31,8 +31,8 @@ if [ "$STAGE" != bench ] || ! python3 -c "import dpkernels._C" 2>/dev/null; then
         || status=1
 fi
 python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
-# The device has no network: for the LoRA rows of bench_model_step/bench_inference carry a peft wheel
-# (pip download --no-deps peft) and name it in PEFT_WHEEL; without peft those rows are skipped.
+# The device has no network. Its image already holds peft (the LoRA rows of bench_model_step and
+# bench_inference): PEFT_WHEEL names a carried wheel only to test another version.
 if [ -n "${PEFT_WHEEL:-}" ]; then
     python3 -m pip install --no-deps --no-index -q "$PEFT_WHEEL" 2>&1 | tee -a "$OUT/install.log" || status=1
 fi

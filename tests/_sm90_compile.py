@@ -62,24 +62,22 @@ def _compile(kernel, pointers, constexprs, num_warps, num_stages=3):
 
 def variants():
     """(name, kernel, pointer dtypes, constexprs, warps, stages) for every variant the launchers use."""
-    bf16_gemm = dict(A_ptr="bf16", THETA0_ptr="bf16", DIFF_ptr="fp32", LA_ptr="fp32", BIAS_ptr="bf16", OUT_ptr="bf16")
-    for bm, bp, bq, warps, stages in diff_linear._MATMUL_SIZES:
-        const = dict(TRAINING=True, HAS_BIAS=True, DOT_FP32=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_P=bp,
-                     BLOCK_Q=bq, GROUP_M=8)
-        yield f"gated_matmul bf16 {bm}x{bp}x{bq} w{warps}", diff_linear._gated_matmul_kernel, bf16_gemm, const, \
-            warps, stages
-    fp32_gemm = dict(bf16_gemm, A_ptr="fp32", THETA0_ptr="fp32", BIAS_ptr="fp32", OUT_ptr="fp32")
-    bm, bp, bq, warps, stages = diff_linear._MATMUL_SIZES[0]
-    yield "gated_matmul fp32 ieee", diff_linear._gated_matmul_kernel, fp32_gemm, dict(
-        TRAINING=True, HAS_BIAS=False, DOT_FP32=False, PRECISION="ieee", BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
-        GROUP_M=8), warps, stages
-    wgrad = dict(GY_ptr="bf16", X_ptr="bf16", DIFF_ptr="fp32", LA_ptr="fp32", GRAD_DIFF_ptr="fp32",
-                 GRAD_LA_ptr="fp32")
-    for bn, bk, bm, split, warps, stages in diff_linear._WGRAD_SIZES:
-        const = dict(TRAINING=True, HAS_L0=True, DOT_FP32=False, PRECISION="tf32", EPILOGUE_SPLIT=split, BLOCK_N=bn,
-                     BLOCK_K=bk, BLOCK_M=bm, GROUP_N=8)
-        yield f"gated_wgrad bf16 {bn}x{bk}x{bm} split{split} w{warps}", diff_linear._gated_wgrad_kernel, wgrad, \
-            const, warps, stages
+    # Activations: bf16, fp32 with TF32 dots (torch's allow_tf32) and fp32 with IEEE dots, whose
+    # emulated fp32 MMA needs more registers than any tile here leaves (reported, not held to no spill).
+    activations = (("bf16", "bf16", "tf32"), ("fp32-tf32", "fp32", "tf32"), ("fp32-ieee", "fp32", "ieee"))
+    for label, act, precision in activations:
+        gemm = dict(A_ptr=act, THETA0_ptr=act, DIFF_ptr="fp32", LA_ptr="fp32", BIAS_ptr=act, OUT_ptr=act)
+        for bm, bp, bq, warps, stages in diff_linear._MATMUL_SIZES:
+            const = dict(TRAINING=True, HAS_BIAS=True, DOT_FP32=False, PRECISION=precision, BLOCK_M=bm, BLOCK_P=bp,
+                         BLOCK_Q=bq, GROUP_M=8)
+            yield f"gated_matmul {label} {bm}x{bp}x{bq} w{warps}", diff_linear._gated_matmul_kernel, gemm, const, \
+                warps, stages
+        wgrad = dict(GY_ptr=act, X_ptr=act, DIFF_ptr="fp32", LA_ptr="fp32", GRAD_DIFF_ptr="fp32", GRAD_LA_ptr="fp32")
+        for bn, bk, bm, split, warps, stages in diff_linear._WGRAD_SIZES:
+            const = dict(TRAINING=True, HAS_L0=True, DOT_FP32=False, PRECISION=precision, EPILOGUE_SPLIT=split,
+                         BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, GROUP_N=8)
+            yield f"gated_wgrad {label} {bn}x{bk}x{bm} split{split} w{warps}", diff_linear._gated_wgrad_kernel, \
+                wgrad, const, warps, stages
     for training in (True, False):
         yield f"gate_forward apply training={training}", gates._gate_forward_kernel, dict(
             LA_ptr="fp32", THETA0_ptr="bf16", DIFF_ptr="fp32", OUT_ptr="bf16"), dict(

@@ -1,5 +1,7 @@
-"""Every Triton kernel compiles for sm_90 (H100/H200) ahead of time, without a GPU, and the bf16
-variants do not spill registers: what the interpreter cannot check (it runs the kernels in numpy)."""
+"""Every Triton kernel compiles for sm_90 (H100/H200) ahead of time, without a GPU, and no variant
+but the fp32-IEEE dots spills registers: what the interpreter cannot check (it runs the kernels in
+numpy). Spills depend on the Triton version: the fused forward's tiles are sized so that both
+Triton 3.6 (the GPU image's) and 3.8 (CI's) compile them spill-free."""
 
 import importlib.util
 import json
@@ -32,9 +34,9 @@ def report():
 
 
 @pytest.mark.skipif(_cuda_backend_missing() is not None, reason=f"{_cuda_backend_missing()}")
-def test_every_kernel_compiles_for_sm90_and_bf16_variants_do_not_spill(report):
+def test_every_kernel_compiles_for_sm90_without_spills_except_fp32_ieee_dots(report):
     errors = {name: r["error"] for name, r in report.items() if "error" in r}
     assert not errors, errors
     assert any(name.startswith("gated_matmul") for name in report) and any(n.startswith("gated_wgrad") for n in report)
-    spills = {name: r for name, r in report.items() if "fp32" not in name and r["stack_bytes"] > 0}
+    spills = {name: r for name, r in report.items() if "ieee" not in name and r["stack_bytes"] > 0}
     assert not spills, f"register spills (stack bytes per thread): {spills}"
