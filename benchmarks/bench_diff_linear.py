@@ -11,8 +11,9 @@ Providers:
     cuda            dpkernels on the compiled extension (gate kernels + cuBLAS), when it is built
     fixed-mask      after projection to 0.5%: W = theta0 + scatter(values), weight gradient only at
                     the mask (sddmm) -- the fixed-mask finetuning stage (Triton backend on CUDA)
-Modes: forward, backward (the backward alone, graph retained), full (forward + backward; the L0
-gradient included in the L0 stage). The fused/unfused pair at several token counts is what sets
+Modes: forward, backward (the backward alone, graph retained; not for torch.compile, whose compiled
+backward donates its saved buffers and so cannot run twice on one graph), full (forward +
+backward; the L0 gradient included in the L0 stage). The fused/unfused pair at several token counts is what sets
 the crossover of ops.FUSED_MAX_TOKENS.
 
     python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 64,512,8192] [--shapes 4096x11008]
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -55,6 +57,9 @@ def _providers(k: int, n: int, device: str):
                                   layer.bias_log_alpha, seed=seed)
         return y, L0_LAMBDA * (reference.expected_l0(layer.log_alpha) + reference.expected_l0(layer.bias_log_alpha))
 
+    # One code object serves every shape: without a reset dynamo's recompile limit (8) is reached
+    # within the default shapes and the later "torch.compile" rows would silently run eager.
+    torch._dynamo.reset()
     compiled = torch.compile(reference_step)
     fixed = dpkernels.DiffLinear.from_linear(linear)
     with torch.no_grad():
@@ -77,9 +82,13 @@ def _providers(k: int, n: int, device: str):
     }
 
 
-def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers: list[str]) -> list[dict]:
+def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers: list[str],
+        out: str | None = None) -> list[dict]:
+    """The rows; with `out`, the CSV/JSON are rewritten after each shape, so that a run stopped at a
+    time limit keeps what it measured."""
     env = environment(device)
     rows = []
+    start = time.perf_counter()
     for k, n in shapes:
         available = _providers(k, n, device)
         for m in tokens:
@@ -111,6 +120,10 @@ def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers
                     return lambda: backward(outputs, grads, retain=True)
 
                 for mode in ("forward", "backward", "full"):
+                    if mode == "backward" and name == "torch.compile":
+                        # Its compiled backward donates saved buffers, which a retained graph
+                        # forbids; turning donation off would raise its peak in the other rows.
+                        continue
                     case = forward if mode == "forward" else full if mode == "full" else backward_only()
                     with torch.no_grad() if mode == "forward" else torch.enable_grad():
                         ms, q20, q80, peak = measure(case, device)
@@ -118,6 +131,9 @@ def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers
                     rows.append(dict(op="diff_linear", provider=name, mode=mode, shape=f"{m}x{k}->{n}",
                                      dtype="bf16-autocast", ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak,
                                      gbps=float("nan"), **env))
+        if out is not None:
+            write_rows(rows, out, "bench_diff_linear")
+        print(f"bench_diff_linear: {k}->{n} done, {time.perf_counter() - start:.0f} s", flush=True)
     for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR"):
         os.environ.pop(name, None)
     return rows
@@ -140,7 +156,7 @@ def main(argv=None) -> int:
         providers.append("cuda")
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    rows = run(args.device, tokens, shapes, providers)
+    rows = run(args.device, tokens, shapes, providers, args.out)
     print_table(rows)
     print("wrote", *write_rows(rows, args.out, "bench_diff_linear"))
     return 0

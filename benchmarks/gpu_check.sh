@@ -5,14 +5,17 @@
 # (the device tool brings back at most 8 files). Copy the numbers, with the device name, date and
 # commit, into benchmarks/RESULTS.md.
 #
-#   bash benchmarks/gpu_check.sh [all|tests|bench] [BENCHMARK...]
+#   bash benchmarks/gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK...]
 #
-# One device command may run 10 minutes at most: if `all` does not fit, run `tests` and then, within
-# the machine's 30 s warm window (the in-place build is kept), `bench`, or `bench` with a subset of
-# gates diff_linear switch model_step inference (the default: all five).
+# One device command may run 10 minutes at most: if `all` does not fit, run `tests`, then within
+# the machine's 30 s warm window (the in-place build is kept) `sanitizer` and `bench`, or `bench`
+# with a subset of gates diff_linear switch model_step inference (the default: all five).
+# TESTS_TIMEOUT (default 540 s) stops pytest early enough for the logs and the bundle to be written;
+# bench_diff_linear rewrites its CSV/JSON after each shape for the same reason.
 set -uo pipefail
 STAGE=${1:-all}
-case "$STAGE" in all|tests|bench) ;; *) echo "usage: gpu_check.sh [all|tests|bench] [BENCHMARK...]" >&2; exit 2 ;; esac
+case "$STAGE" in all|tests|sanitizer|bench) ;;
+    *) echo "usage: gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK...]" >&2; exit 2 ;; esac
 shift $(( $# > 0 ? 1 : 0 ))
 BENCHMARKS=${*:-gates diff_linear switch model_step inference}
 BASE_OUT=${OUT:-benchmarks/out}
@@ -25,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 echo "commit ${DPKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$OUT/gpu.txt"
 # In place (-e): the tests import the source tree, so the CUDA extension must sit there too. A
 # `bench` stage right after `tests` on the same machine finds it built and skips the build.
-if [ "$STAGE" != bench ] || ! python3 -c "import dpkernels._C" 2>/dev/null; then
+if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || ! python3 -c "import dpkernels._C" 2>/dev/null; then
     DPKERNELS_BUILD_CUDA=1 DPKERNELS_CUDA_ARCHS=${DPKERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
         python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tee "$OUT/install.log" \
         || status=1
@@ -36,8 +39,12 @@ python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
 if [ -n "${PEFT_WHEEL:-}" ]; then
     python3 -m pip install --no-deps --no-index -q "$PEFT_WHEEL" 2>&1 | tee -a "$OUT/install.log" || status=1
 fi
-if [ "$STAGE" != bench ]; then
-    python3 -m pytest -q -rs 2>&1 | tee "$OUT/tests.log" | tail -n 30 || status=1
+if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
+    # conftest.py sets DPKERNELS_AUTOTUNE=0 (one tile per fused kernel; each tile is tested once).
+    timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -rs --durations=30 2>&1 | tee "$OUT/tests.log" \
+        | tail -n 60 || status=1
+fi
+if [ "$STAGE" = all ] || [ "$STAGE" = sanitizer ]; then
     # The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     if [ -x "$sanitizer" ]; then
@@ -47,7 +54,7 @@ if [ "$STAGE" != bench ]; then
         echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
     fi
 fi
-if [ "$STAGE" != tests ]; then
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
     for name in $BENCHMARKS; do  # the LoRA rows of model_step and inference need peft (the bench extra)
         python3 -m "benchmarks.bench_$name" --out "$OUT" 2>&1 | tee "$OUT/bench_$name.log" || status=1
     done

@@ -13,6 +13,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the fused kernels launch one fixed tile: autotuning would compile all of them for every
+# specialisation the suite hits (minutes); test_fused_diff_linear.py checks every tile, and the
+# autotuner once, explicitly.
+os.environ.setdefault("DPKERNELS_AUTOTUNE", "0")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 

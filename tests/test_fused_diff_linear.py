@@ -38,6 +38,16 @@ def _atol(oracle, dtype):
     return 16 * torch.finfo(dtype).eps * (oracle.abs().max().item() + 1) if oracle.numel() else 0.0
 
 
+def _gemm_fp32_out(a, b):
+    """a @ b with an fp32 result as torch computes it from operands in their dtype: on CUDA a bf16/fp16
+    GEMM with an fp32 output, accumulated by the tensor cores as the kernel's is (not round-to-nearest
+    fp32: Fasi et al. 2021 measured truncation on V100-A100, so an fp32 GEMM of the same values is
+    the wrong yardstick at M = 8192); elsewhere in fp32."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _kernels():
     from dpkernels.backends import triton as tk
 
@@ -49,32 +59,60 @@ def _kernels():
                                             (torch.float16, torch.float32), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_kernels_match_float64_reference(device, cdt, base_dtype, training):
-    tk = _kernels()
     for m, k, n in _shapes(device):
-        t = _inputs(m, k, n, device, cdt, base_dtype, seed=m + k + n)
-        seed, offset, lam = 2**63 + 5 * m, 3 * k, 0.03
-        gates = (seed, offset, training, *GATES)
-        t64 = _f64(t)
-        for name, kernel, oracle, same in (
-            ("y", tk.gated_linear(t["x"], t["theta0"], t["diff"], t["log_alpha"], t["bias"], *gates),
-             ref.gated_linear(t64["x"], t64["theta0"], t64["diff"], t64["log_alpha"], t64["bias"], *gates),
-             ref.gated_linear(t["x"], t["theta0"], t["diff"], t["log_alpha"], t["bias"], *gates)),
-            ("dX", tk.gated_linear_grad_input(t["gy"], t["theta0"], t["diff"], t["log_alpha"], *gates),
-             ref.gated_linear_grad_input(t64["gy"], t64["theta0"], t64["diff"], t64["log_alpha"], *gates),
-             ref.gated_linear_grad_input(t["gy"], t["theta0"], t["diff"], t["log_alpha"], *gates)),
-        ):
-            assert kernel.dtype == cdt
-            # torch in the same dtype: the correctly rounded effective weight, then torch's GEMM.
-            assert_close_by_rule(kernel, same, oracle, _atol(oracle, cdt), f"{name} {m}x{k}->{n}")
+        _check_fused_kernels(device, m, k, n, cdt, base_dtype, training)
+
+
+def _check_fused_kernels(device, m, k, n, cdt, base_dtype, training, which=("y", "dX", "dW")):
+    """The forward, dX and weight-gradient kernels at one shape vs float64, by DESIGN.md's rule."""
+    tk = _kernels()
+    t = _inputs(m, k, n, device, cdt, base_dtype, seed=m + k + n)
+    seed, offset, lam = 2**63 + 5 * m, 3 * k, 0.03
+    gates = (seed, offset, training, *GATES)
+    t64 = _f64(t)
+    if "y" in which:
+        _check_gemm("y", tk.gated_linear(t["x"], t["theta0"], t["diff"], t["log_alpha"], t["bias"], *gates),
+                    ref.gated_linear(t["x"], t["theta0"], t["diff"], t["log_alpha"], t["bias"], *gates),
+                    ref.gated_linear(t64["x"], t64["theta0"], t64["diff"], t64["log_alpha"], t64["bias"], *gates), cdt)
+    if "dX" in which:
+        _check_gemm("dX", tk.gated_linear_grad_input(t["gy"], t["theta0"], t["diff"], t["log_alpha"], *gates),
+                    ref.gated_linear_grad_input(t["gy"], t["theta0"], t["diff"], t["log_alpha"], *gates),
+                    ref.gated_linear_grad_input(t64["gy"], t64["theta0"], t64["diff"], t64["log_alpha"], *gates), cdt)
+    if "dW" in which:
         gd, gla = tk.gated_linear_grad_weight(t["gy"], t["x"], t["diff"], t["log_alpha"], *gates, lam)
         gd64, gla64 = ref.gated_linear_grad_weight(t64["gy"], t64["x"], t64["diff"], t64["log_alpha"], *gates, lam)
-        # The epilogue routes the fp32 accumulator: compare with torch's fp32 GEMM of the same inputs.
-        gd32, gla32 = ref.gated_linear_grad_weight(t["gy"].float(), t["x"].float(), t["diff"], t["log_alpha"], *gates,
-                                                   lam)
+        # The epilogue routes the fp32 accumulator of a GEMM in cdt: compare with torch's own.
+        gd32, gla32 = ref.gate_backward(_gemm_fp32_out(t["gy"].t(), t["x"]), t["diff"], t["log_alpha"], *gates, lam)
         assert gd.dtype == gla.dtype == torch.float32
         far = far_from_clamp(t64["log_alpha"], seed, offset, training)
-        assert_close_by_rule(gd, gd32, gd64, _atol(gd64, torch.float32), "grad_diff")
-        assert_close_by_rule(gla[far], gla32[far], gla64[far], _atol(gla64, torch.float32), "grad_log_alpha")
+        assert_close_by_rule(gd, gd32, gd64, _atol(gd64, torch.float32), f"grad_diff {m}x{k}->{n}")
+        assert_close_by_rule(gla[far], gla32[far], gla64[far], _atol(gla64, torch.float32),
+                             f"grad_log_alpha {m}x{k}->{n}")
+
+
+def _check_gemm(name, kernel, same, oracle, cdt):
+    assert kernel.dtype == cdt
+    # torch in the same dtype: the correctly rounded effective weight, then torch's GEMM.
+    assert_close_by_rule(kernel, same, oracle, _atol(oracle, cdt), f"{name} {tuple(oracle.shape)}")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_every_autotuning_config_matches_float64_reference(device, monkeypatch):
+    """Each tile the autotuner may pick, launched directly (the suite runs with DPKERNELS_AUTOTUNE=0;
+    the interpreter ignores warps and stages), at a shape with partial tiles everywhere; then on a
+    GPU the autotuner itself at a real shape."""
+    from dpkernels.backends.triton import diff_linear as fused
+
+    monkeypatch.setenv("DPKERNELS_AUTOTUNE", "0")
+    for size in fused._MATMUL_SIZES:
+        monkeypatch.setattr(fused, "_MATMUL_BLOCKS", fused.launch_options(fused._MATMUL_NAMES, size))
+        _check_fused_kernels(device, 75, 200, 133, torch.bfloat16, torch.bfloat16, True, which=("y", "dX"))
+    for size in fused._WGRAD_SIZES:
+        monkeypatch.setattr(fused, "_WGRAD_BLOCKS", fused.launch_options(fused._WGRAD_NAMES, size))
+        _check_fused_kernels(device, 75, 200, 133, torch.bfloat16, torch.bfloat16, True, which=("dW",))
+    if device == "cuda":
+        monkeypatch.setenv("DPKERNELS_AUTOTUNE", "1")
+        _check_fused_kernels(device, 512, 768, 3072, torch.bfloat16, torch.bfloat16, True)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's fixed blocks; on a GPU autotuning picks the slices")
@@ -192,6 +230,32 @@ def test_path_choice_errors(monkeypatch):
         with pytest.raises(ValueError, match=f"DPKERNELS_DIFF_LINEAR={path} needs the triton backend"):
             dpkernels.diff_linear(*args, seed=1)
 
+
+def test_fp32_dot_precision_follows_both_tf32_apis():
+    """allow_tf32 (legacy) and fp32_precision (torch >= 2.9) both pick the fp32 dot; after the new
+    API is used, reading the legacy flag raises in torch, which the fused path must not."""
+    pytest.importorskip("triton")
+    from dpkernels.backends.triton import diff_linear as fused
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only allow_tf32")
+    saved = matmul.fp32_precision, torch.backends.fp32_precision
+    try:
+        matmul.allow_tf32 = True
+        assert fused._precision(torch.float32)[1] == "tf32"
+        matmul.allow_tf32 = False
+        assert fused._precision(torch.float32)[1] == "ieee"
+        matmul.fp32_precision = "tf32"
+        assert fused._precision(torch.float32)[1] == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert fused._precision(torch.float32)[1] == "ieee"
+        matmul.fp32_precision, torch.backends.fp32_precision = "none", "tf32"  # inherited from the global one
+        assert fused._precision(torch.float32)[1] == "tf32"
+        assert fused._precision(torch.bfloat16)[1] == "tf32"  # moot for bf16 operands: Triton's default
+    finally:
+        torch.backends.fp32_precision = saved[1]
+        matmul.fp32_precision = saved[0]
 
 def test_seed_tensor_is_the_int_seed_and_bad_seed_tensors_raise():
     args = _layer_args("cpu")

@@ -222,23 +222,53 @@ def _route_store(g, rn, rk, N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, 
     tl.store(GRAD_LA_ptr + e, grad_la, mask=inside)
 
 
-if _INTERPRETED:
-    _matmul, _wgrad = _gated_matmul_kernel, _gated_wgrad_kernel
-    _MATMUL_BLOCKS = dict(zip(("BLOCK_M", "BLOCK_P", "BLOCK_Q"), _INTERPRETER_SIZES, strict=True))
-    _WGRAD_BLOCKS = dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _INTERPRETER_SIZES, strict=True),
-                         EPILOGUE_SPLIT=_INTERPRETER_SPLIT)
+_MATMUL_NAMES = ("BLOCK_M", "BLOCK_P", "BLOCK_Q")
+_WGRAD_NAMES = ("BLOCK_N", "BLOCK_K", "BLOCK_M", "EPILOGUE_SPLIT")
+
+
+def launch_options(names: tuple[str, ...], size) -> dict:
+    """The launch keywords of one config tuple (blocks, num_warps, num_stages)."""
+    return dict(zip(names, size[:-2], strict=True), num_warps=size[-2], num_stages=size[-1])
+
+
+if _INTERPRETED:  # fixed small blocks (the interpreter ignores warps and stages)
+    _matmul_tuned = _wgrad_tuned = None
+    _MATMUL_BLOCKS = dict(zip(_MATMUL_NAMES, _INTERPRETER_SIZES, strict=True))
+    _WGRAD_BLOCKS = dict(zip(_WGRAD_NAMES[:3], _INTERPRETER_SIZES, strict=True), EPILOGUE_SPLIT=_INTERPRETER_SPLIT)
 else:  # autotuned per shape; M is keyed by its power-of-two bucket so that batches of one size share a choice
-    _matmul = triton.autotune(_configs(("BLOCK_M", "BLOCK_P", "BLOCK_Q"), _MATMUL_SIZES),
-                              key=["M_BUCKET", "P", "Q", "stride_bq"])(_gated_matmul_kernel)
-    _wgrad = triton.autotune(_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M", "EPILOGUE_SPLIT"), _WGRAD_SIZES),
-                             key=["M_BUCKET", "N", "K"])(_gated_wgrad_kernel)
-    _MATMUL_BLOCKS = _WGRAD_BLOCKS = {}
+    _matmul_tuned = triton.autotune(_configs(_MATMUL_NAMES, _MATMUL_SIZES),
+                                    key=["M_BUCKET", "P", "Q", "stride_bq"])(_gated_matmul_kernel)
+    _wgrad_tuned = triton.autotune(_configs(_WGRAD_NAMES, _WGRAD_SIZES), key=["M_BUCKET", "N", "K"])(
+        _gated_wgrad_kernel)
+    # DPKERNELS_AUTOTUNE=0: one fixed config each. The GPU test run sets it: autotuning compiles
+    # every config for every specialisation the tests hit (hundreds of compiles, minutes); the
+    # tests run each config once instead (test_fused_diff_linear.py).
+    _MATMUL_BLOCKS = launch_options(_MATMUL_NAMES, _MATMUL_SIZES[2])
+    _WGRAD_BLOCKS = launch_options(_WGRAD_NAMES, _WGRAD_SIZES[1])
+
+
+def _kernel(tuned, plain, blocks: dict):
+    """(kernel, launch keywords): the autotuner unless interpreted or DPKERNELS_AUTOTUNE=0."""
+    if tuned is not None and os.environ.get("DPKERNELS_AUTOTUNE", "1") != "0":
+        return tuned, {}
+    return plain, blocks
+
+
+def _tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32, set through either of its APIs: reading the legacy
+    ``allow_tf32`` raises once ``fp32_precision`` (torch >= 2.9, inherited from
+    ``torch.backends.fp32_precision``) has been set, so that one is asked first."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     """(DOT_FP32, PRECISION): fp32 operands use tf32 only where torch's matmul allows it (the
     precision is moot for bf16/fp16 operands: Triton's default stays)."""
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    ieee = dtype == torch.float32 and not _tf32_allowed()
     return _INTERPRETED, "ieee" if ieee else "tf32"
 
 
@@ -258,12 +288,13 @@ def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r
     strides = (1, k) if not transposed else (k, 1)
     dot_fp32, precision = _precision(a.dtype)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)  # noqa: E731
-    _matmul[grid](
+    kernel, blocks = _kernel(_matmul_tuned, _gated_matmul_kernel, _MATMUL_BLOCKS)
+    kernel[grid](
         a, theta0, diff, log_alpha, bias if bias is not None else out, out, m, p, q, _bucket(m),
         a.stride(0), a.stride(1), *strides, out.stride(0), out.stride(1),
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
         TRAINING=bool(training), HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=precision, GROUP_M=8,
-        **_MATMUL_BLOCKS,
+        **blocks,
     )
     return out
 
@@ -291,12 +322,13 @@ def gated_linear_grad_weight(grad_y, x, diff, log_alpha, seed, offset, training,
         return grad_diff, grad_log_alpha
     dot_fp32, precision = _precision(x.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    _wgrad[grid](
+    kernel, blocks = _kernel(_wgrad_tuned, _gated_wgrad_kernel, _WGRAD_BLOCKS)
+    kernel[grid](
         grad_y, x, diff, log_alpha, grad_diff, grad_log_alpha, m, n, k, _bucket(m),
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
         float(l0_lambda), _l0_shift(l, r, beta),
         TRAINING=bool(training), HAS_L0=bool(l0_lambda), DOT_FP32=dot_fp32, PRECISION=precision, GROUP_N=8,
-        **_WGRAD_BLOCKS,
+        **blocks,
     )
     return grad_diff, grad_log_alpha
