@@ -257,6 +257,7 @@ def test_fp32_dot_precision_follows_both_tf32_apis():
         torch.backends.fp32_precision = saved[1]
         matmul.fp32_precision = saved[0]
 
+
 def test_seed_tensor_is_the_int_seed_and_bad_seed_tensors_raise():
     args = _layer_args("cpu")
     for seed in (0, 12345, 2**63 + 9, 2**64 - 1):
