@@ -23,12 +23,13 @@ OUT="$BASE_OUT/gpu_check-$STAGE"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
+runs() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }  # whether this call runs the stage $1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 # The device gets the working tree without .git: pass DPKERNELS_COMMIT=<hash> to stamp the rows.
 echo "commit ${DPKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$OUT/gpu.txt"
 # In place (-e): the tests import the source tree, so the CUDA extension must sit there too. A
 # `bench` stage right after `tests` on the same machine finds it built and skips the build.
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ] || ! python3 -c "import dpkernels._C" 2>/dev/null; then
+if runs tests || ! python3 -c "import dpkernels._C" 2>/dev/null; then
     DPKERNELS_BUILD_CUDA=1 DPKERNELS_CUDA_ARCHS=${DPKERNELS_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
         python3 -m pip install --no-build-isolation --no-deps --no-index -q -e . 2>&1 | tee "$OUT/install.log" \
         || status=1
@@ -39,12 +40,12 @@ python3 -m dpkernels info | tee -a "$OUT/gpu.txt"
 if [ -n "${PEFT_WHEEL:-}" ]; then
     python3 -m pip install --no-deps --no-index -q "$PEFT_WHEEL" 2>&1 | tee -a "$OUT/install.log" || status=1
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = tests ]; then
+if runs tests; then
     # conftest.py sets DPKERNELS_AUTOTUNE=0 (one tile per fused kernel; each tile is tested once).
     timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -rs --durations=30 2>&1 | tee "$OUT/tests.log" \
         | tail -n 60 || status=1
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = sanitizer ]; then
+if runs sanitizer; then
     # The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     if [ -x "$sanitizer" ]; then
@@ -54,7 +55,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = sanitizer ]; then
         echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
     fi
 fi
-if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+if runs bench; then
     for name in $BENCHMARKS; do  # the LoRA rows of model_step and inference need peft (the bench extra)
         python3 -m "benchmarks.bench_$name" --out "$OUT" 2>&1 | tee "$OUT/bench_$name.log" || status=1
     done

@@ -322,9 +322,9 @@ def test_quality_report_averages_seeds(tiny_model, toy_csv, tmp_path):
     from benchmarks import quality
 
     out_dir = tmp_path / "seeds"
-    assert quality.main(["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60",
-                         "--epochs", "2", "--max-length", "16", "--batch-size", "16", "--no-progress",
-                         "--methods", "full,diff0.5", "--seeds", "3,4", "--out", str(out_dir)]) == 0
+    common = ["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60", "--max-length", "16",
+              "--batch-size", "16", "--no-progress", "--methods", "full,diff0.5"]
+    assert quality.main([*common, "--epochs", "2", "--seeds", "3,4", "--out", str(out_dir)]) == 0
     report = json.loads((out_dir / "quality.json").read_text())
     assert report["meta"]["seeds"] == [3, 4]
     for r in report["rows"]:
@@ -340,8 +340,6 @@ def test_quality_report_averages_seeds(tiny_model, toy_csv, tmp_path):
 
     # Reports on other seeds (another machine, say) merge into one; other experiments or a seed
     # twice do not.
-    common = ["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60", "--max-length", "16",
-              "--batch-size", "16", "--no-progress", "--methods", "full,diff0.5"]
     assert quality.main([*common, "--epochs", "2", "--seeds", "5", "--out", str(tmp_path / "five")]) == 0
     merged = tmp_path / "merged"
     assert quality.main(["--merge", str(out_dir), str(tmp_path / "five"), "--out", str(merged)]) == 0

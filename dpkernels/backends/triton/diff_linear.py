@@ -42,10 +42,18 @@ from .gates import _hard_concrete, _signed_seed
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def launch_options(names: tuple[str, ...], size) -> dict:
+    """The launch keywords of one (*values of names, warps, stages) tuple."""
+    return dict(zip(names, size[:-2], strict=True), num_warps=size[-2], num_stages=size[-1])
+
+
 def _configs(names: tuple[str, ...], sizes) -> list[triton.Config]:
-    """Autotuning configs from (*values of names, warps, stages) tuples."""
-    return [triton.Config(dict(zip(names, size[:-2], strict=True)), num_warps=size[-2], num_stages=size[-1])
-            for size in sizes]
+    """Autotuning configs: each size's launch options, its block sizes as the config's keywords."""
+    configs = []
+    for size in sizes:
+        options = launch_options(names, size)
+        configs.append(triton.Config({name: options.pop(name) for name in names}, **options))
+    return configs
 
 
 # Forward / dX GEMM: (rows, cols, reduction, warps, stages), small row blocks for decoding-sized M.
@@ -224,11 +232,6 @@ def _route_store(g, rn, rk, N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, 
 
 _MATMUL_NAMES = ("BLOCK_M", "BLOCK_P", "BLOCK_Q")
 _WGRAD_NAMES = ("BLOCK_N", "BLOCK_K", "BLOCK_M", "EPILOGUE_SPLIT")
-
-
-def launch_options(names: tuple[str, ...], size) -> dict:
-    """The launch keywords of one config tuple (blocks, num_warps, num_stages)."""
-    return dict(zip(names, size[:-2], strict=True), num_warps=size[-2], num_stages=size[-1])
 
 
 if _INTERPRETED:  # fixed small blocks (the interpreter ignores warps and stages)
