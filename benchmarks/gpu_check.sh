@@ -5,25 +5,32 @@
 # (the device tool brings back at most 8 files). Copy the numbers, with the device name, date and
 # commit, into benchmarks/RESULTS.md.
 #
-#   bash benchmarks/gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK...]
+#   bash benchmarks/gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK... | PYTEST_ARG...]
 #
 # One device command may run 10 minutes at most: if `all` does not fit, run `tests`, then within
 # the machine's 30 s warm window (the in-place build is kept) `sanitizer` and `bench`, or `bench`
 # with a subset of gates diff_linear switch model_step inference (the default: all five).
-# TESTS_TIMEOUT (default 540 s) stops pytest early enough for the logs and the bundle to be written;
-# bench_diff_linear rewrites its CSV/JSON after each shape for the same reason.
+# `tests` runs the cuda-marked tests (those CI cannot run) first, then the rest; arguments after
+# `tests` go to both pytest runs instead (e.g. test files, to finish a run that timed out).
+# TESTS_TIMEOUT, SANITIZER_TIMEOUT and BENCH_TIMEOUT (default 540 s each, for the whole stage) stop pytest and the
+# benchmarks early enough for the logs and the bundle to be written (a command killed by the device
+# tool brings back at most 8 of its files); bench_diff_linear rewrites its CSV/JSON after each
+# shape for the same reason.
 set -uo pipefail
 STAGE=${1:-all}
 case "$STAGE" in all|tests|sanitizer|bench) ;;
     *) echo "usage: gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK...]" >&2; exit 2 ;; esac
 shift $(( $# > 0 ? 1 : 0 ))
 BENCHMARKS=${*:-gates diff_linear switch model_step inference}
+PYTEST_ARGS=()
+[ "$STAGE" = tests ] && PYTEST_ARGS=("$@")
 BASE_OUT=${OUT:-benchmarks/out}
 OUT="$BASE_OUT/gpu_check-$STAGE"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 runs() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }  # whether this call runs the stage $1
+left() { echo $(( $1 - SECONDS > 1 ? $1 - SECONDS : 1 )); }  # seconds until the deadline $1 (at least 1)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 # The device gets the working tree without .git: pass DPKERNELS_COMMIT=<hash> to stamp the rows.
 echo "commit ${DPKERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$OUT/gpu.txt"
@@ -42,22 +49,35 @@ if [ -n "${PEFT_WHEEL:-}" ]; then
 fi
 if runs tests; then
     # conftest.py sets DPKERNELS_AUTOTUNE=0 (one tile per fused kernel; each tile is tested once).
-    timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -rs --durations=30 2>&1 | tee "$OUT/tests.log" \
-        | tail -n 60 || status=1
+    # Triton's compiles, one process each, bound the run: pytest-xdist (in the device image)
+    # spreads the tests over TEST_WORKERS processes sharing the GPU (the suite passes under xdist).
+    workers=()
+    python3 -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+    deadline=$(( SECONDS + ${TESTS_TIMEOUT:-540} ))
+    for marks in cuda "not cuda"; do
+        log="$OUT/tests-${marks// /-}.log"
+        timeout "$(left $deadline)" python3 -m pytest -q -rs --durations=30 "${workers[@]}" -m "$marks" \
+            "${PYTEST_ARGS[@]}" 2>&1 \
+            | tee "$log" | tail -n 60
+        code=${PIPESTATUS[0]}
+        [ "$code" = 0 ] || [ "$code" = 5 ] || status=1  # 5: the arguments select no test of these marks
+    done
 fi
 if runs sanitizer; then
     # The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     if [ -x "$sanitizer" ]; then
-        "$sanitizer" --tool memcheck --error-exitcode 1 python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU \
+        timeout "${SANITIZER_TIMEOUT:-540}" "$sanitizer" --tool memcheck --error-exitcode 1 python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU \
             2>&1 | tee "$OUT/sanitizer.log" | tail -n 15 || status=1
     else
         echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
     fi
 fi
 if runs bench; then
+    deadline=$(( SECONDS + ${BENCH_TIMEOUT:-540} ))
     for name in $BENCHMARKS; do  # the LoRA rows of model_step and inference need peft (the bench extra)
-        python3 -m "benchmarks.bench_$name" --out "$OUT" 2>&1 | tee "$OUT/bench_$name.log" || status=1
+        timeout "$(left $deadline)" python3 -m "benchmarks.bench_$name" --out "$OUT" 2>&1 \
+            | tee "$OUT/bench_$name.log" || status=1
     done
 fi
 tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check-$STAGE.tgz" "gpu_check-$STAGE" && rm -rf "$OUT"

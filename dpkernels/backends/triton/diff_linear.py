@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ...reference import l0_shift as _l0_shift
+from .device_guard import on_tensor_device
 from .gates import _hard_concrete, _signed_seed
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -302,6 +303,7 @@ def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r
     return out
 
 
+@on_tensor_device
 def gated_linear(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta):
     """y = x W^T + bias with W = round_{x.dtype}(theta0 + z * diff) rebuilt tile by tile.
 
@@ -311,11 +313,13 @@ def gated_linear(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r,
     return _gated_matmul(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta, transposed=False)
 
 
+@on_tensor_device
 def gated_linear_grad_input(grad_y, theta0, diff, log_alpha, seed, offset, training, l, r, beta):
     """dX = dY W (M, K) with W rebuilt as in the forward; grad_y (M, N) in the compute dtype."""
     return _gated_matmul(grad_y, theta0, diff, log_alpha, None, seed, offset, training, l, r, beta, transposed=True)
 
 
+@on_tensor_device
 def gated_linear_grad_weight(grad_y, x, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0):
     """(grad_diff, grad_log_alpha) from G = dY^T X routed in the GEMM's epilogue; G stays in registers."""
     m, n = grad_y.shape

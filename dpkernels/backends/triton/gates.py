@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ...reference import l0_shift as _l0_shift
+from .device_guard import on_tensor_device
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -119,6 +120,7 @@ def _grid(n: int):
     return (triton.cdiv(n, _BLOCK),)
 
 
+@on_tensor_device
 def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None):
     """Launcher: gates z (fp32) when theta0 is None, else theta0 + z * diff in out_dtype."""
     la = log_alpha.contiguous()
@@ -139,6 +141,7 @@ def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, dif
     return out
 
 
+@on_tensor_device
 def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0,
                   grad_diff=None, grad_log_alpha=None):
     """Launcher: (grad_diff, grad_log_alpha), written fresh or accumulated into given buffers."""

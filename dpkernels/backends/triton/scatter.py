@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
+
 _BLOCK = 1024
 _NUM_WARPS = 4
 
@@ -91,6 +93,7 @@ def _scatter_restore_kernel(
     tl.store(ptrs, tl.load(SAVED_ptr + offs, mask=mask), mask=mask)
 
 
+@on_tensor_device
 def scatter_apply(targets, table, ids, index, values, starts, saved):
     """Launcher (signature of dpkernels.reference.scatter_apply; reads `table`, not targets/starts)."""
     n = ids.numel()
@@ -101,6 +104,7 @@ def scatter_apply(targets, table, ids, index, values, starts, saved):
     return saved
 
 
+@on_tensor_device
 def scatter_restore(targets, table, ids, index, starts, saved):
     """Launcher (signature of dpkernels.reference.scatter_restore; reads `table`, not targets/starts)."""
     n = ids.numel()

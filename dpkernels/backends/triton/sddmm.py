@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device_guard import on_tensor_device
+
 _BLOCK_J = 32
 _BLOCK_M = 128
 
@@ -50,6 +52,7 @@ def _sddmm_row_kernel(
         tl.store(OUT_ptr + j, acc, mask=j_mask)
 
 
+@on_tensor_device
 def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
     """Launcher: grad_y (M, N), x (M, K), index sorted unique flat indices into (N, K) -> fp32 (nnz,)."""
     n_rows = grad_y.shape[1]
