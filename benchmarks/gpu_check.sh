@@ -15,7 +15,8 @@
 # TESTS_TIMEOUT, SANITIZER_TIMEOUT and BENCH_TIMEOUT (default 540 s each, for the whole stage) stop pytest and the
 # benchmarks early enough for the logs and the bundle to be written (a command killed by the device
 # tool brings back at most 8 of its files); bench_diff_linear rewrites its CSV/JSON after each
-# shape for the same reason.
+# shape for the same reason, and BENCH_ARGS (e.g. "--shapes 4096x4096,4096x11008", with one
+# benchmark named) finishes what a stopped run left out.
 set -uo pipefail
 STAGE=${1:-all}
 case "$STAGE" in all|tests|sanitizer|bench) ;;
@@ -76,9 +77,12 @@ fi
 if runs bench; then
     deadline=$(( SECONDS + ${BENCH_TIMEOUT:-540} ))
     for name in $BENCHMARKS; do  # the LoRA rows of model_step and inference need peft (the bench extra)
-        timeout "$(left $deadline)" python3 -m "benchmarks.bench_$name" --out "$OUT" 2>&1 \
+        # shellcheck disable=SC2086  # BENCH_ARGS: options for the benchmark(s) named, word-split
+        timeout "$(left $deadline)" python3 -m "benchmarks.bench_$name" --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
             | tee "$OUT/bench_$name.log" || status=1
     done
+    # DESIGN.md's targets judged from this stage's rows (rerun on several unpacked bundles at home).
+    python3 -m benchmarks.targets "$OUT" 2>&1 | tee "$OUT/targets.md" || status=1
 fi
 tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check-$STAGE.tgz" "gpu_check-$STAGE" && rm -rf "$OUT"
 exit $status

@@ -230,9 +230,12 @@ def test_human_readable_sizes():
 def test_benchmark_scripts_smoke(tmp_path):
     from benchmarks import bench_diff_linear, bench_gates
 
-    assert bench_gates.main(["--device", "cpu", "--shapes", "16x24", "--out", str(tmp_path)]) == 0
+    assert bench_gates.main(["--device", "cpu", "--shapes", "16x24", "--providers", "torch,copy",
+                             "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_gates.json").read_text())
-    assert {(r["provider"], r["mode"]) for r in rows} == {("torch", "forward"), ("torch", "backward")}
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("torch", "copy")
+                                                          for m in ("forward", "backward")}
+    assert all(r["gbps"] > 0 for r in rows)
     assert bench_diff_linear.main(["--device", "cpu", "--tokens", "4", "--shapes", "16x24",
                                    "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_diff_linear.json").read_text())
