@@ -1,6 +1,6 @@
 """The benchmark suite in one command: every ``benchmarks/bench_*.py``, one table, CSV/JSON and plots.
 
-    python -m benchmarks [NAMES...] [--device cuda|cpu] [--out DIR] [--quick] [--list] [-- EXTRA ARGS]
+    python -m benchmarks [NAMES...] [--device cuda|cpu] [--out DIR] [--quick] [--list] [--replot] [-- EXTRA ARGS]
     dpkernels bench      (the same, from a source checkout)
 
 NAMES are benchmark names (``gates``, ``diff_linear``, ``switch``, ...: the ``bench_*.py`` files,
@@ -20,7 +20,8 @@ Writes, in --out: each benchmark's own ``bench_NAME.csv/json``, ``suite.csv/json
 schema of ``benchmarks/common.py``), and with matplotlib installed ``bench_NAME.png`` (median time
 per shape, one line per provider, a panel per mode; plus peak memory on CUDA) and
 ``bench_NAME_speedup.png`` for the benchmarks with a dense baseline (bench_diff_linear: time relative
-to nn.Linear; bench_model_step: relative to full finetuning).
+to nn.Linear; bench_model_step: relative to full finetuning). ``--replot`` runs nothing and writes
+the suite files and plots from the bench_NAME.json already in --out (a GPU run's unpacked bundle).
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="toy sizes: a seconds-long check that everything runs")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--replot", action="store_true",
+                        help="run nothing: the table, suite.csv/json and plots from the bench_NAME.json already in "
+                             "--out (a GPU run's bundle, say)")
     return parser
 
 
@@ -128,6 +132,12 @@ def main(argv=None, *, prog: str | None = None) -> int:
     unknown = [n for n in names if n not in benches]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(benches)}")
+    if args.replot:
+        found = [n for n in names if os.path.isfile(os.path.join(args.out, f"bench_{n}.json"))]
+        if not found:
+            parser.error(f"--replot: no bench_NAME.json for {', '.join(names)} in {args.out}")
+        _summarise([row for name in found for row in _rows(name, args.out, not args.no_plots)], args.out)
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
@@ -166,24 +176,32 @@ def main(argv=None, *, prog: str | None = None) -> int:
         if code:
             failed[name] = code
             continue
-        path = os.path.join(args.out, f"bench_{name}.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                rows = json.load(f)
-            all_rows += rows
-            if not args.no_plots:
-                plot(rows, name, args.out)
+        if os.path.isfile(os.path.join(args.out, f"bench_{name}.json")):
+            all_rows += _rows(name, args.out, not args.no_plots)
 
     if all_rows:
-        from benchmarks.common import print_table, write_rows
-
-        print("\n== all benchmarks")
-        print_table(all_rows)
-        print("wrote", *write_rows(all_rows, args.out, "suite"))
+        _summarise(all_rows, args.out)
     if failed:
         print(f"benchmark suite: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
         return 2 if set(failed.values()) == {2} else 1  # 2: only bad arguments
     return 0
+
+
+def _rows(name: str, out: str, plots: bool) -> list[dict]:
+    """bench_NAME.json's rows, plotted unless told not to."""
+    with open(os.path.join(out, f"bench_{name}.json")) as f:
+        rows = json.load(f)
+    if plots:
+        plot(rows, name, out)
+    return rows
+
+
+def _summarise(rows: list[dict], out: str) -> None:
+    from benchmarks.common import print_table, write_rows
+
+    print("\n== all benchmarks")
+    print_table(rows)
+    print("wrote", *write_rows(rows, out, "suite"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ if runs bench; then
         timeout "$(left $deadline)" python3 -m "benchmarks.bench_$name" --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
             | tee "$OUT/bench_$name.log" || status=1
     done
-    # DESIGN.md's targets judged from this stage's rows (rerun on several unpacked bundles at home).
+    # The plots and suite table from the rows, and DESIGN.md's targets judged from them (both can be
+    # rerun here on unpacked bundles: `python -m benchmarks --replot --out DIR`, `python -m benchmarks.targets DIR...`).
+    python3 -m benchmarks --replot --out "$OUT" > "$OUT/suite.log" 2>&1 || status=1
     python3 -m benchmarks.targets "$OUT" 2>&1 | tee "$OUT/targets.md" || status=1
 fi
 tar -C "$BASE_OUT" -czf "$BASE_OUT/gpu_check-$STAGE.tgz" "gpu_check-$STAGE" && rm -rf "$OUT"

@@ -256,6 +256,15 @@ def test_bench_runs_the_suite_quick_on_cpu(tmp_path, capsys):
         assert (tmp_path / f"bench_{name}.png").is_file() == HAS_MATPLOTLIB
     for name in ("diff_linear", "model_step"):
         assert (tmp_path / f"bench_{name}_speedup.png").is_file() == HAS_MATPLOTLIB
+    # --replot: the suite files and plots again from the rows alone, nothing run.
+    for path in [*tmp_path.glob("*.png"), tmp_path / "suite.json"]:
+        path.unlink()
+    code, out, err = run_cli(["bench", "--replot", "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "suite.json").read_text()) == rows
+    assert (tmp_path / "bench_diff_linear_speedup.png").is_file() == HAS_MATPLOTLIB
+    code, out, err = run_cli(["bench", "--replot", "--out", tmp_path / "empty"], capsys)
+    assert code == 2 and "--replot: no bench_NAME.json" in err
 
 
 def test_bench_cpu_smoke_subset_says_so_and_extra_args_override(tmp_path, capsys):
