@@ -17,6 +17,10 @@ if not HAS_CUDA:
 # specialisation the suite hits (minutes); test_fused_diff_linear.py checks every tile, and the
 # autotuner once, explicitly.
 os.environ.setdefault("DPKERNELS_AUTOTUNE", "0")
+# The torch backend's CPU gate passes stay on the eager reference below 2**18 elements: the tests of
+# the torch backend check the oracle itself, and fusing every test tensor compiles a graph per dtype
+# combination (CI: +3.5 min). test_torch_fused.py tests the fused passes, at the default threshold too.
+os.environ.setdefault("DPKERNELS_CPU_FUSE_MIN", str(1 << 18))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -23,13 +23,14 @@ def fuse_everything(monkeypatch):
 def _case(n=4231, seed=0):
     gen = torch.Generator().manual_seed(seed)
     la = torch.randn(n, generator=gen) * 3
-    la[:4] = torch.tensor([1e4, -1e4, 0.0, 30.0])
+    la[:4] = torch.tensor([1e4, -1e4, 0.0, 30.0])[:n]
     return la, torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 0.1, torch.randn(n, generator=gen)
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_forward_matches_the_reference(fuse_everything, training):
-    la, theta0, diff, _ = _case()
+@pytest.mark.parametrize("n", [4231, 2, 17])
+def test_fused_forward_matches_the_reference(fuse_everything, training, n):
+    la, theta0, diff, _ = _case(n)
     seed, offset = 2**40 + 3, 2**32 - 100
     cfg = (seed, offset, training, ARGS["l"], ARGS["r"], ARGS["beta"])
     z = torch_fused.gate_forward(la, *cfg)
@@ -41,8 +42,9 @@ def test_fused_forward_matches_the_reference(fuse_everything, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_backward_matches_the_reference(fuse_everything, training):
-    la, _, diff, g = _case(seed=1)
+@pytest.mark.parametrize("n", [4231, 2, 17])
+def test_fused_backward_matches_the_reference(fuse_everything, training, n):
+    la, _, diff, g = _case(n, seed=1)
     cfg = (7, 11, training, ARGS["l"], ARGS["r"], ARGS["beta"], 0.25)
     gw, gla = torch_fused.gate_backward(g, diff, la, *cfg)
     ow, ola = ref.gate_backward(g.double(), diff.double(), la.double(), *cfg)
@@ -91,3 +93,31 @@ def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatc
         z = torch_fused.gate_forward(la, 3, 0, True, -1.5, 1.5, 1.0)
     assert torch.equal(z, ref.gate_forward(la, 3, 0, True, -1.5, 1.5, 1.0))
     assert torch_fused._disabled_reason is not None
+
+
+def test_the_default_fuses_a_small_layers_training_step(monkeypatch):
+    """At the default threshold (2) every gated tensor of a small layer, its bias too, takes the fused
+    passes, and a training step matches the eager reference's."""
+    import dpkernels
+
+    monkeypatch.setattr(torch_fused, "_disabled_reason", None)
+
+    def step(fuse_min):
+        if fuse_min is None:
+            monkeypatch.delenv("DPKERNELS_CPU_FUSE_MIN")
+        else:
+            monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", fuse_min)
+        torch.manual_seed(0)
+        layer = dpkernels.DiffLinear(20, 30, l0_lambda=1e-2, alpha_init=0.5)
+        x = torch.randn(5, 20, requires_grad=True)
+        y = layer(x)
+        y.square().sum().backward()
+        return [y, x.grad, layer.diff.grad, layer.log_alpha.grad, layer.bias_diff.grad, layer.bias_log_alpha.grad]
+
+    before = torch_fused.fused_calls
+    fused = step(None)
+    assert torch_fused.fused_calls == before + 4  # weight and bias, forward and backward
+    eager = step("0")
+    assert torch_fused.fused_calls == before + 4
+    for a, b in zip(fused, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
