@@ -12,15 +12,15 @@
 # with a subset of gates diff_linear switch model_step inference (the default: all five).
 # `tests` runs the cuda-marked tests (those CI cannot run) first, then the rest; arguments after
 # `tests` go to both pytest runs instead (e.g. test files, to finish a run that timed out).
-# TESTS_TIMEOUT, SANITIZER_TIMEOUT and BENCH_TIMEOUT (default 540 s each, for the whole stage) stop pytest and the
-# benchmarks early enough for the logs and the bundle to be written (a command killed by the device
-# tool brings back at most 8 of its files); bench_diff_linear rewrites its CSV/JSON after each
-# shape for the same reason, and BENCH_ARGS (e.g. "--shapes 4096x4096,4096x11008", with one
-# benchmark named) finishes what a stopped run left out.
+# TESTS_TIMEOUT, SANITIZER_TIMEOUT and BENCH_TIMEOUT (default 540 s each, for the whole stage)
+# stop pytest and the benchmarks early enough for the logs and the bundle to be written (a command
+# killed by the device tool brings back at most 8 of its files); bench_diff_linear rewrites its
+# CSV/JSON after each shape for the same reason, and BENCH_ARGS (e.g. "--shapes 4096x4096,4096x11008",
+# with one benchmark named) finishes what a stopped run left out.
 set -uo pipefail
 STAGE=${1:-all}
 case "$STAGE" in all|tests|sanitizer|bench) ;;
-    *) echo "usage: gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK...]" >&2; exit 2 ;; esac
+    *) echo "usage: gpu_check.sh [all|tests|sanitizer|bench] [BENCHMARK... | PYTEST_ARG...]" >&2; exit 2 ;; esac
 shift $(( $# > 0 ? 1 : 0 ))
 BENCHMARKS=${*:-gates diff_linear switch model_step inference}
 PYTEST_ARGS=()
@@ -68,8 +68,9 @@ if runs sanitizer; then
     # The extension's GPU tests (valid and bad inputs) once more under compute-sanitizer's memcheck.
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     if [ -x "$sanitizer" ]; then
-        timeout "${SANITIZER_TIMEOUT:-540}" "$sanitizer" --tool memcheck --error-exitcode 1 python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU \
-            2>&1 | tee "$OUT/sanitizer.log" | tail -n 15 || status=1
+        timeout "${SANITIZER_TIMEOUT:-540}" "$sanitizer" --tool memcheck --error-exitcode 1 \
+            python3 -m pytest -q -rs tests/test_cuda_ext.py -k TestOnGPU 2>&1 | tee "$OUT/sanitizer.log" \
+            | tail -n 15 || status=1
     else
         echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/sanitizer.log"
     fi
@@ -81,8 +82,8 @@ if runs bench; then
         timeout "$(left $deadline)" python3 -m "benchmarks.bench_$name" --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
             | tee "$OUT/bench_$name.log" || status=1
     done
-    # The plots and suite table from the rows, and DESIGN.md's targets judged from them (both can be
-    # rerun here on unpacked bundles: `python -m benchmarks --replot --out DIR`, `python -m benchmarks.targets DIR...`).
+    # The plots and suite table from the rows, and DESIGN.md's targets judged from them (both rerun
+    # at home on unpacked bundles: python -m benchmarks --replot --out DIR; python -m benchmarks.targets DIR...).
     python3 -m benchmarks --replot --out "$OUT" > "$OUT/suite.log" 2>&1 || status=1
     python3 -m benchmarks.targets "$OUT" 2>&1 | tee "$OUT/targets.md" || status=1
 fi
