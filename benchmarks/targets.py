@@ -62,14 +62,14 @@ def load_rows(dirs: list[str]) -> tuple[dict[tuple, dict], dict]:
     return rows, model_targets
 
 
-def _ms(rows, op, provider, mode, shape, dtype) -> float | None:
-    row = rows.get((op, provider, mode, shape, dtype))
-    return row["ms"] if row is not None and _finite(row["ms"]) else None
-
-
 def _field(rows, key, field) -> float | None:
+    """A row's finite value of `field`, or None (no such row, or NaN: not measured)."""
     row = rows.get(key)
     return row[field] if row is not None and _finite(row.get(field)) else None
+
+
+def _ms(rows, op, provider, mode, shape, dtype) -> float | None:
+    return _field(rows, (op, provider, mode, shape, dtype), "ms")
 
 
 def _finite(v) -> bool:
