@@ -96,8 +96,8 @@ def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatc
 
 
 def test_the_default_fuses_a_small_layers_training_step(monkeypatch):
-    """At the default threshold (2) every gated tensor of a small layer, its bias too, takes the fused
-    passes, and a training step matches the eager reference's."""
+    """At the default threshold (4096 elements) a 64x80 layer's weight takes the fused passes, its
+    bias the eager ones, and a training step matches the eager reference's."""
     import dpkernels
 
     monkeypatch.setattr(torch_fused, "_disabled_reason", None)
@@ -108,16 +108,45 @@ def test_the_default_fuses_a_small_layers_training_step(monkeypatch):
         else:
             monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", fuse_min)
         torch.manual_seed(0)
-        layer = dpkernels.DiffLinear(20, 30, l0_lambda=1e-2, alpha_init=0.5)
-        x = torch.randn(5, 20, requires_grad=True)
+        layer = dpkernels.DiffLinear(64, 80, l0_lambda=1e-2, alpha_init=0.5)
+        x = torch.randn(5, 64, requires_grad=True)
         y = layer(x)
         y.square().sum().backward()
         return [y, x.grad, layer.diff.grad, layer.log_alpha.grad, layer.bias_diff.grad, layer.bias_log_alpha.grad]
 
     before = torch_fused.fused_calls
     fused = step(None)
-    assert torch_fused.fused_calls == before + 4  # weight and bias, forward and backward
+    assert torch_fused.fused_calls == before + 2  # the weight's forward and backward
     eager = step("0")
-    assert torch_fused.fused_calls == before + 4
+    assert torch_fused.fused_calls == before + 2
     for a, b in zip(fused, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_loops_mixed_modes_stay_compiled(fuse_everything):
+    """Train and eval passes, grad / no_grad / inference mode, autocast on and off, bf16/fp16/fp32
+    bases, bf16/fp32 gradients, with and without L0: every combination runs compiled, none past
+    dynamo's recompile limit (beyond which calls would silently run eager)."""
+    import contextlib
+
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    la, theta0, diff, g = _case(300)
+    la.requires_grad_(True)
+    contexts = (contextlib.nullcontext, torch.no_grad, torch.inference_mode)
+    for training in (True, False):
+        for context in contexts:
+            for autocast in (False, True):
+                with context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    torch_fused.gate_forward(la, 5, 0, training, **ARGS)
+                    for base in (torch.float32, torch.bfloat16, torch.float16):
+                        out = torch_fused.gate_forward(la, 5, 0, training, **ARGS, theta0=theta0.to(base), diff=diff,
+                                                       out_dtype=base)
+                        assert out.dtype == base
+                    for grad in (g, g.bfloat16()):
+                        for l0_lambda in (0.0, 0.5):
+                            torch_fused.gate_backward(grad, diff, la, 5, 0, training, **ARGS, l0_lambda=l0_lambda)
+    limit = torch._dynamo.config.recompile_limit
+    for name, fn in torch_fused.MODES.items():
+        entries = len(_debug_get_cache_entry_list(fn.__code__))
+        assert 0 < entries < limit, f"{name}: {entries} compiled graphs (dynamo keeps {limit})"

@@ -7,12 +7,13 @@ fuses the whole pass (Philox, hard-concrete math, then the apply or the gradient
 one vectorised loop, ~100x faster. Same formulas, same draws bit for bit (integer arithmetic);
 log/exp/sigmoid come from vectorised libraries and may differ from the eager oracle in the last
 ulp. Used for float32 CPU tensors with at least DPKERNELS_CPU_FUSE_MIN elements (0 turns it off).
-The default, 2, fuses every tensor but the 0- and 1-element ones (sizes dynamo specialises, so
-each would cost a compile of its own): one compiled graph serves all other sizes, and it wins
-from the smallest on (2-core CPU, gate-apply pass: 0.09 vs 0.71 ms at 64 elements, 0.8 vs 14 ms
-at 384x384; the README's MiniLM job, whose attention weights and biases a threshold of 2**18 left
-eager, went from 1.95 to 1.62 s per L0 step). If compiling fails (no C++ compiler, say) it warns
-once and stays eager.
+The default, 4096: one compiled graph per mode serves all sizes, and it wins from tens of elements
+on (2-core CPU, gate-apply pass: 0.09 vs 0.71 ms at 64 elements, 0.1 vs 1.1 ms at 4096, 0.8 vs 14
+ms at 384x384), but each mode costs a compile (seconds) once per process; below 4096 elements the
+eager pass costs about a millisecond or less, so a model made only of such tensors (a toy, a test)
+never pays one, while any real model (an embedding table alone) compiles anyway and then fuses all but
+its biases and norms. (The threshold was 2**18, which left MiniLM's 384x384 attention weights and
+position embeddings eager.) If compiling fails (no C++ compiler, say) it warns once and stays eager.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..reference import gate_forward as _eager_forward
 from ..reference import scatter_apply, scatter_restore, sddmm  # noqa: F401  (the torch backend's other ops)
 
 _ENV = "DPKERNELS_CPU_FUSE_MIN"
-_DEFAULT_MIN = 2
+_DEFAULT_MIN = 1 << 12
 _disabled_reason: str | None = None
 fused_calls = 0  # how many passes ran fused (tests check that the fused path is taken)
 
@@ -43,42 +44,51 @@ def _use_fused(log_alpha: torch.Tensor) -> bool:
             and log_alpha.dtype == torch.float32 and log_alpha.numel() >= threshold)
 
 
-def _gates(la, offset, k0, k1, l: float, r: float, beta: float, training: bool):
+def _train_gates(la, offset, k0, k1, l: float, r: float, beta: float):
     """(z, dz/dlog_alpha) for flat fp32 log_alpha; offset, k0, k1 are int64 0-d tensors."""
-    if training:
-        counters = torch.arange(la.numel(), dtype=torch.int64, device=la.device) + offset
-        zero = torch.zeros_like(counters)
-        word = reference.philox_rounds(counters & 0xFFFFFFFF, counters >> 32, zero, zero, k0, k1)[0]
-        return reference.hard_concrete(la, reference.word_to_uniform(word), l=l, r=r, beta=beta)
-    return reference.eval_gates_and_grad(la, l=l, r=r)
+    counters = torch.arange(la.numel(), dtype=torch.int64, device=la.device) + offset
+    zero = torch.zeros_like(counters)
+    word = reference.philox_rounds(counters & 0xFFFFFFFF, counters >> 32, zero, zero, k0, k1)[0]
+    return reference.hard_concrete(la, reference.word_to_uniform(word), l=l, r=r, beta=beta)
 
 
-def _forward(la, theta0, diff, offset, k0, k1, l: float, r: float, beta: float, training: bool,
-             out_dtype: torch.dtype):
-    z, _ = _gates(la, offset, k0, k1, l, r, beta, training)
-    if theta0 is None:
-        return z
-    return (theta0.to(diff.dtype) + z * diff).to(out_dtype)
-
-
-def _backward(g, diff, la, offset, k0, k1, l: float, r: float, beta: float, training: bool, l0_lambda: float,
-              l0_shift: float):
-    z, dz = _gates(la, offset, k0, k1, l, r, beta, training)
+def _route(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
     g = g.to(diff.dtype)
-    grad_la = g * diff * dz
-    if l0_lambda:
-        p = torch.sigmoid(la - l0_shift)
-        grad_la = grad_la + l0_lambda * p * (1 - p)
-    return g * z, grad_la
+    p = torch.sigmoid(la - l0_shift)
+    # Unconditional (a zero lambda adds +0.0), so that lambda = 0 is no graph of its own.
+    return g * z, g * diff * dz + l0_lambda * p * (1 - p)
 
 
+# One top-level function per mode, each compiled on its own: dynamo keeps at most 8 graphs per code
+# object (recompile_limit), past which calls silently run eager, and the modes times the input
+# dtypes and grad/inference modes a training loop mixes would overflow one shared cache.
+def _z_train(la, offset, k0, k1, l: float, r: float, beta: float):
+    return _train_gates(la, offset, k0, k1, l, r, beta)[0]
+
+
+def _z_eval(la, l: float, r: float):
+    return reference.eval_gates_and_grad(la, l=l, r=r)[0]
+
+
+def _apply_train(la, theta0, diff, offset, k0, k1, l: float, r: float, beta: float):
+    return theta0.to(diff.dtype) + _train_gates(la, offset, k0, k1, l, r, beta)[0] * diff
+
+
+def _apply_eval(la, theta0, diff, l: float, r: float):
+    return theta0.to(diff.dtype) + reference.eval_gates_and_grad(la, l=l, r=r)[0] * diff
+
+
+def _backward_train(g, diff, la, offset, k0, k1, l: float, r: float, beta: float, l0_lambda: float,
+                    l0_shift: float):
+    return _route(g, diff, la, *_train_gates(la, offset, k0, k1, l, r, beta), l0_lambda, l0_shift)
+
+
+def _backward_eval(g, diff, la, l: float, r: float, l0_lambda: float, l0_shift: float):
+    return _route(g, diff, la, *reference.eval_gates_and_grad(la, l=l, r=r), l0_lambda, l0_shift)
+
+
+MODES = {f.__name__: f for f in (_z_train, _z_eval, _apply_train, _apply_eval, _backward_train, _backward_eval)}
 _compiled: dict[str, object] = {}
-
-
-def _compiled_fn(name: str, fn):
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name]
 
 
 def _key_tensors(seed: int, offset: int):
@@ -86,10 +96,18 @@ def _key_tensors(seed: int, offset: int):
     return as_t(offset), as_t(seed & 0xFFFFFFFF), as_t(seed >> 32)
 
 
-def _run_fused(name, fn, *args):
+def _run_fused(mode: str, *tensors, training: bool, seed: int, offset: int, consts: tuple):
+    """MODES[mode] compiled, on flat detached tensors (so requires_grad is no guard), without
+    autocast (elementwise fp32 math; the caller rounds to its dtype), and, when training, the
+    Philox key tensors; None if compiling failed."""
     global _disabled_reason, fused_calls
+    if mode not in _compiled:
+        _compiled[mode] = torch.compile(MODES[mode], dynamic=True)
+    keys = _key_tensors(seed, offset) if training else ()
+    flat = [t.detach().reshape(-1) for t in tensors]
     try:
-        out = _compiled_fn(name, fn)(*args)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            out = _compiled[mode](*flat, *keys, *consts)
     except Exception as exc:  # a compile failure of any kind: stay correct, get slow
         _disabled_reason = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"dpkernels: fusing the CPU gate passes with torch.compile failed, using the eager "
@@ -102,14 +120,18 @@ def _run_fused(name, fn, *args):
 def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None):
     """reference.gate_forward, fused for large CPU tensors."""
     if _use_fused(log_alpha):
-        shape = log_alpha.shape
-        flat = (t.reshape(-1) if t is not None else None for t in (log_alpha, theta0, diff))
-        out_dtype = out_dtype or (theta0.dtype if theta0 is not None else torch.float32)
-        with torch.no_grad():
-            out = _run_fused("forward", _forward, *flat, *_key_tensors(seed, offset), float(l), float(r),
-                             float(beta), bool(training), out_dtype)
+        train = bool(training)
+        gates = (float(l), float(r), float(beta)) if train else (float(l), float(r))
+        if theta0 is None:
+            out = _run_fused("_z_train" if train else "_z_eval", log_alpha, training=train, seed=seed,
+                             offset=offset, consts=gates)
+        else:
+            out = _run_fused("_apply_train" if train else "_apply_eval", log_alpha, theta0, diff, training=train,
+                             seed=seed, offset=offset, consts=gates)
+            if out is not None:
+                out = out.to(out_dtype or theta0.dtype)  # the fp32 sum, rounded once
         if out is not None:
-            return out.reshape(shape)
+            return out.reshape(log_alpha.shape)
     return _eager_forward(log_alpha, seed, offset, training, l, r, beta, theta0=theta0, diff=diff,
                           out_dtype=out_dtype)
 
@@ -118,17 +140,17 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
                   grad_log_alpha=None):
     """reference.gate_backward, fused for large CPU tensors."""
     if _use_fused(log_alpha) and diff.dtype == torch.float32:
-        shape = log_alpha.shape
-        with torch.no_grad():
-            out = _run_fused("backward", _backward, g.reshape(-1), diff.reshape(-1), log_alpha.reshape(-1),
-                             *_key_tensors(seed, offset), float(l), float(r), float(beta), bool(training),
-                             float(l0_lambda), reference.l0_shift(l, r, beta))
-            if out is not None:
-                gw, gla = (t.reshape(shape) for t in out)
+        train = bool(training)
+        gates = (float(l), float(r), float(beta)) if train else (float(l), float(r))
+        out = _run_fused("_backward_train" if train else "_backward_eval", g, diff, log_alpha, training=train,
+                         seed=seed, offset=offset, consts=(*gates, float(l0_lambda), reference.l0_shift(l, r, beta)))
+        if out is not None:
+            gw, gla = (t.reshape(log_alpha.shape) for t in out)
+            with torch.no_grad():
                 if grad_diff is not None:
                     gw = grad_diff.add_(gw)
                 if grad_log_alpha is not None:
                     gla = grad_log_alpha.add_(gla)
-                return gw, gla
+            return gw, gla
     return _eager_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, grad_diff=grad_diff,
                            grad_log_alpha=grad_log_alpha)
