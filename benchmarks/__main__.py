@@ -133,6 +133,8 @@ def main(argv=None, *, prog: str | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(benches)}")
     if args.replot:
+        if extra or args.quick or args.device:
+            parser.error("--replot runs nothing: it takes no --device, --quick or arguments after --")
         found = [n for n in names if os.path.isfile(os.path.join(args.out, f"bench_{n}.json"))]
         if not found:
             parser.error(f"--replot: no bench_NAME.json for {', '.join(names)} in {args.out}")

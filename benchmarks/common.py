@@ -97,14 +97,18 @@ def measure(fn, device: str, *, warmup: int = 3, reps: int = 20, rep_ms: int = 1
 
 
 def write_rows(rows: list[dict], out_dir: str, name: str) -> tuple[str, str]:
+    """NAME.csv and NAME.json in out_dir, each written to a temporary file and renamed: a run killed
+    mid-write (a time limit) leaves the previous complete file, never a truncated one."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path, json_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.json")
-    with open(csv_path, "w", newline="") as f:
+    with open(csv_path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    with open(json_path, "w") as f:
+    with open(json_path + ".tmp", "w") as f:
         json.dump(rows, f, indent=1)
+    os.replace(csv_path + ".tmp", csv_path)
+    os.replace(json_path + ".tmp", json_path)
     return csv_path, json_path
 
 

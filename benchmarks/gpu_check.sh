@@ -57,6 +57,9 @@ if runs tests; then
     deadline=$(( SECONDS + ${TESTS_TIMEOUT:-540} ))
     for marks in cuda "not cuda"; do
         log="$OUT/tests-${marks// /-}.log"
+        if (( deadline - SECONDS < 10 )); then  # not run: a failure, with its reason in the log
+            echo "TESTS_TIMEOUT reached: the tests marked '$marks' did not run" | tee "$log"; status=1; continue
+        fi
         timeout "$(left $deadline)" python3 -m pytest -q -rs --durations=30 "${workers[@]}" -m "$marks" \
             "${PYTEST_ARGS[@]}" 2>&1 \
             | tee "$log" | tail -n 60

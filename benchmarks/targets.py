@@ -30,6 +30,7 @@ GATES_SHAPE, COPY_FRACTION = "4096x11008", 0.9
 SWITCH_MS, SWITCH_MODEL = 0.2, "bert L24 H1024"  # a whole BERT-large task switch (bench_switch)
 # Whole model (bench_model_step; its targets file holds the memory verdicts).
 MODEL_STEP_TARGET = 1.15
+MODEL_MEMORY_BYTES = 20.0  # extra peak bytes per gated parameter (bench_model_step.MEMORY_TARGET_BYTES)
 
 
 @dataclass
@@ -52,8 +53,10 @@ def load_rows(dirs: list[str]) -> tuple[dict[tuple, dict], dict]:
         for path in sorted(glob.glob(os.path.join(folder, "bench_*.json"))):
             with open(path) as f:
                 data = json.load(f)
-            if path.endswith("bench_model_step_targets.json"):
-                model_targets = data
+            if path.endswith("bench_model_step_targets.json") and not str(data.get("device", "")).startswith("cpu"):
+                model_targets.setdefault("targets", {}).update(data["targets"])  # per shape, like the rows
+                model_targets["memory_target_extra_bytes_per_gated_param"] = \
+                    data["memory_target_extra_bytes_per_gated_param"]
             if not isinstance(data, list):  # the other summaries (bench_switch_size.json)
                 continue
             for row in data:
@@ -144,10 +147,12 @@ def gate_verdicts(rows) -> list[Verdict]:
 
 def switch_verdicts(rows) -> list[Verdict]:
     out = []
-    for (op, provider, _mode, shape, _dtype), row in sorted(rows.items()):
+    for key in sorted(rows):
+        op, provider, _, shape, _ = key
         if op == "switch" and provider in ("triton", "cuda") and shape.startswith(SWITCH_MODEL + " "):
-            out.append(Verdict(f"task switch ({provider}), {shape}, <= {SWITCH_MS} ms", f"{row['ms']:.3g} ms",
-                               row["ms"] <= SWITCH_MS))
+            target = f"task switch ({provider}), {shape}, <= {SWITCH_MS} ms"
+            ms = _field(rows, key, "ms")
+            out.append(Verdict(target, "", None) if ms is None else Verdict(target, f"{ms:.3g} ms", ms <= SWITCH_MS))
     return out or [Verdict(f"task switch, {SWITCH_MODEL}, <= {SWITCH_MS} ms", "", None)]
 
 
@@ -165,10 +170,13 @@ def model_step_verdicts(rows, model_targets) -> list[Verdict]:
             out.append(Verdict(target, f"{ratio:.2f}x ({ms['dpkernels']:.3g} / {ms['full']:.3g} ms{lora})",
                                ratio <= MODEL_STEP_TARGET and (ms["lora"] is None or ms["dpkernels"] < ms["lora"])))
         verdict = model_targets.get("targets", {}).get(shape, {}).get("dpkernels", {})
+        bound = model_targets.get("memory_target_extra_bytes_per_gated_param", MODEL_MEMORY_BYTES)
+        target = f"model step peak over full finetuning, {shape}, <= {bound:g} B per gated parameter"
         if "extra_bytes_per_gated_param" in verdict:
-            bound = model_targets["memory_target_extra_bytes_per_gated_param"]
-            out.append(Verdict(f"model step peak over full finetuning, {shape}, <= {bound:g} B per gated parameter",
-                               f"{verdict['extra_bytes_per_gated_param']:.1f} B", verdict["meets_memory_target"]))
+            out.append(Verdict(target, f"{verdict['extra_bytes_per_gated_param']:.1f} B",
+                               verdict["meets_memory_target"]))
+        else:
+            out.append(Verdict(target, "", None))
     return out or [Verdict(f"model step dpkernels / full, <= {MODEL_STEP_TARGET}", "", None)]
 
 

@@ -14,6 +14,7 @@ from tests.test_sparse import Net, assert_same_bits, bits, random_diff
 
 
 def test_a_launch_for_another_gpu_makes_that_gpu_current(monkeypatch):
+    pytest.importorskip("triton")
     from dpkernels.backends.triton.device_guard import on_tensor_device
 
     entered, calls = [], []
@@ -37,6 +38,7 @@ def test_a_launch_for_another_gpu_makes_that_gpu_current(monkeypatch):
 
 
 def test_every_triton_primitive_is_guarded():
+    pytest.importorskip("triton")
     from dpkernels.backends import triton as tk
 
     for name in tk.__all__:

@@ -55,11 +55,21 @@ def test_verdicts_from_known_ratios(tmp_path):
         (("full", 80.0), ("dpkernels", 90.0), ("lora", 125.0), ("paper", 268.0))])
     _write(tmp_path / "a", "bench_model_step_targets", {
         "targets": {step: {"dpkernels": {"extra_bytes_per_gated_param": 19.5, "meets_memory_target": True}}},
-        "memory_target_extra_bytes_per_gated_param": 20.0})
-    # A later folder's rerun replaces the switch row: now 0.15 ms, met.
+        "memory_target_extra_bytes_per_gated_param": 20.0, "device": GPU})
+    # A later folder's rerun replaces the switch row (now 0.15 ms, met) and adds a model size whose
+    # step time is NaN (not measured); its targets file adds that size without dropping the first's.
+    base = "bert-base b64 s128"
     _write(tmp_path / "b", "bench_switch", [_row("switch", "triton", "restore+apply", shape, "bf16", 0.15)])
+    _write(tmp_path / "b", "bench_model_step", [_row("model_step", p, "train", base, "bf16-autocast", float("nan"))
+                                                for p in ("full", "dpkernels")])
+    _write(tmp_path / "b", "bench_model_step_targets", {
+        "targets": {base: {"dpkernels": {"extra_bytes_per_gated_param": 25.0, "meets_memory_target": False}}},
+        "memory_target_extra_bytes_per_gated_param": 20.0, "device": GPU})
+    # A CPU smoke run's files count for nothing.
+    _write(tmp_path / "c", "bench_model_step_targets", {"targets": {step: {}}, "device": "cpu (x86_64, 2 cores)",
+                                                        "memory_target_extra_bytes_per_gated_param": 20.0})
 
-    text, verdicts = targets.report([str(tmp_path / "a"), str(tmp_path / "b")])
+    text, verdicts = targets.report([str(tmp_path / d) for d in "abc"])
     v = _by_target(verdicts)
     assert v[f"DiffLinear (triton) / nn.Linear, {big}, <= 1.1"].met is True
     assert v[f"DiffLinear (triton) / nn.Linear, {big}, <= 1.1"].figure.startswith("1.05x")
@@ -75,6 +85,8 @@ def test_verdicts_from_known_ratios(tmp_path):
     assert v[f"model step dpkernels / full, {step}, <= 1.15 and faster than LoRA"].figure.startswith("1.12x")
     assert v[f"model step dpkernels / full, {step}, <= 1.15 and faster than LoRA"].met is True
     assert v[f"model step peak over full finetuning, {step}, <= 20 B per gated parameter"].met is True
+    assert v[f"model step dpkernels / full, {base}, <= 1.15 and faster than LoRA"].met is None
+    assert v[f"model step peak over full finetuning, {base}, <= 20 B per gated parameter"].met is False
     assert f"device {GPU}" in text and "commit abc1234" in text and "cpu" not in text.split("\n")[0]
     # The paths table: the fastest path at 8192x4096->11008 and auto's time over it.
     line = next(x for x in text.splitlines() if x.startswith(f"| {big} |"))
