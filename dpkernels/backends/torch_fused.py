@@ -87,8 +87,9 @@ def _backward_eval(g, diff, la, l: float, r: float, l0_lambda: float, l0_shift: 
     return _route(g, diff, la, *reference.eval_gates_and_grad(la, l=l, r=r), l0_lambda, l0_shift)
 
 
-MODES = {f.__name__: f for f in (_z_train, _z_eval, _apply_train, _apply_eval, _backward_train, _backward_eval)}
-_compiled: dict[str, object] = {}
+MODES = {("z", True): _z_train, ("z", False): _z_eval, ("apply", True): _apply_train, ("apply", False): _apply_eval,
+         ("backward", True): _backward_train, ("backward", False): _backward_eval}  # (pass, training) -> function
+_compiled: dict[tuple[str, bool], object] = {}
 
 
 def _key_tensors(seed: int, offset: int):
@@ -96,18 +97,19 @@ def _key_tensors(seed: int, offset: int):
     return as_t(offset), as_t(seed & 0xFFFFFFFF), as_t(seed >> 32)
 
 
-def _run_fused(mode: str, *tensors, training: bool, seed: int, offset: int, consts: tuple):
-    """MODES[mode] compiled, on flat detached tensors (so requires_grad is no guard), without
-    autocast (elementwise fp32 math; the caller rounds to its dtype), and, when training, the
-    Philox key tensors; None if compiling failed."""
+def _run_fused(kind: str, tensors, training, seed, offset, l, r, beta, extra=()):
+    """MODES[kind, training] compiled, on flat detached tensors (so requires_grad is no guard),
+    without autocast (elementwise fp32 math; the caller rounds to its dtype); the training modes
+    also take the Philox key tensors and beta. None if compiling failed."""
     global _disabled_reason, fused_calls
+    mode = (kind, bool(training))
     if mode not in _compiled:
         _compiled[mode] = torch.compile(MODES[mode], dynamic=True)
-    keys = _key_tensors(seed, offset) if training else ()
     flat = [t.detach().reshape(-1) for t in tensors]
+    gates = (*_key_tensors(seed, offset), float(l), float(r), float(beta)) if training else (float(l), float(r))
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            out = _compiled[mode](*flat, *keys, *consts)
+            out = _compiled[mode](*flat, *gates, *extra)
     except Exception as exc:  # a compile failure of any kind: stay correct, get slow
         _disabled_reason = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"dpkernels: fusing the CPU gate passes with torch.compile failed, using the eager "
@@ -120,14 +122,10 @@ def _run_fused(mode: str, *tensors, training: bool, seed: int, offset: int, cons
 def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None):
     """reference.gate_forward, fused for large CPU tensors."""
     if _use_fused(log_alpha):
-        train = bool(training)
-        gates = (float(l), float(r), float(beta)) if train else (float(l), float(r))
         if theta0 is None:
-            out = _run_fused("_z_train" if train else "_z_eval", log_alpha, training=train, seed=seed,
-                             offset=offset, consts=gates)
+            out = _run_fused("z", [log_alpha], training, seed, offset, l, r, beta)
         else:
-            out = _run_fused("_apply_train" if train else "_apply_eval", log_alpha, theta0, diff, training=train,
-                             seed=seed, offset=offset, consts=gates)
+            out = _run_fused("apply", [log_alpha, theta0, diff], training, seed, offset, l, r, beta)
             if out is not None:
                 out = out.to(out_dtype or theta0.dtype)  # the fp32 sum, rounded once
         if out is not None:
@@ -140,10 +138,8 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
                   grad_log_alpha=None):
     """reference.gate_backward, fused for large CPU tensors."""
     if _use_fused(log_alpha) and diff.dtype == torch.float32:
-        train = bool(training)
-        gates = (float(l), float(r), float(beta)) if train else (float(l), float(r))
-        out = _run_fused("_backward_train" if train else "_backward_eval", g, diff, log_alpha, training=train,
-                         seed=seed, offset=offset, consts=(*gates, float(l0_lambda), reference.l0_shift(l, r, beta)))
+        out = _run_fused("backward", [g, diff, log_alpha], training, seed, offset, l, r, beta,
+                         extra=(float(l0_lambda), reference.l0_shift(l, r, beta)))
         if out is not None:
             gw, gla = (t.reshape(log_alpha.shape) for t in out)
             with torch.no_grad():
