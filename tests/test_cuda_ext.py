@@ -6,7 +6,9 @@ host) against the reference, and the input validation of the kernel entry points
 before any GPU is touched. On a GPU (`cuda` marker): the kernels against Triton and the reference
 (gates: float64 by the tolerance rule; scatter: bit for bit; sddmm: float64 by the rule), both
 load paths, bad inputs. The backend-parametrized tests (test_gates, test_diff_linear,
-test_scatter's 1000 switches, test_fixed_mask, ...) also run the cuda backend.
+test_scatter's 1000 switches, test_fixed_mask, ...) also run the cuda backend. The kernels
+themselves also run on the CPU, under an emulation of the CUDA execution model with sanitizers:
+test_cuda_kernels_emulated.py.
 """
 
 import subprocess

@@ -1,0 +1,295 @@
+"""The CUDA kernels of csrc/, run on the CPU under an emulation of the CUDA execution model.
+
+No GPU here has ever run csrc/gates.cu, scatter.cu or sddmm.cu. tests/cuda_emulator/ compiles them
+with the host compiler, unchanged but for the launch syntax, under AddressSanitizer and
+UndefinedBehaviorSanitizer, and runs every thread of each launch (the lanes of a warp in lockstep,
+for the shuffles). So the kernels' own indexing, tails, grid-stride loops, vector/scalar load
+paths, warp reduction and bounds checks are checked against the float64 reference here, and any
+access outside an array or misaligned vector access fails the test (memcheck's job on the GPU).
+
+Not covered (the GPU run owes these, tests/test_cuda_ext.py::TestOnGPU*): the bindings (CUDAGuard,
+streams), the GPU's math library (expf/logf here are the host's, hence the reference's tolerance
+rule, not bit equality, for gates), the device's scheduling and memory model.
+"""
+
+import math
+
+import _cuda_emulator as emu
+import pytest
+import torch
+from conftest import assert_close_by_rule
+from test_gates import GATE_ATOL, GATE_CONFIGS, U_ZERO_OFFSETS, _log_alpha, _near_boundary, _sbar64
+from test_philox import _offsets
+from test_scatter import _INT, _layout
+
+from dpkernels import reference as ref
+
+pytestmark = pytest.mark.skipif(emu.missing() is not None, reason=f"CUDA emulation: {emu.missing()}")
+
+# kThreads = 256 per block: one block over 4231 elements (1058 packs of 4) runs the grid-stride
+# loop five times; three blocks, twice. The GPU caps the grid at a few waves of its SMs.
+GRIDS = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    work = tmp_path_factory.mktemp("cuda_emulator")
+    return emu.Harness(emu.build(work), work)
+
+
+def _hex(x: float) -> str:
+    return float(x).hex()  # exact through strtof, as the binding's static_cast<float>(double)
+
+
+def _gate_scalars(seed, offset, training, l, r, beta, max_blocks):
+    return dict(seed=seed, offset=offset, training=training, l=_hex(l), r=_hex(r), beta=_hex(beta),
+                max_blocks=max_blocks)
+
+
+def _place(tensor, misaligned):
+    """The array one element past a 64-byte boundary (scalar load path) or on it (vector path)."""
+    return tensor, tensor.element_size() if misaligned else 0
+
+
+def gate_forward(h, la, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None, *,
+                 misaligned=False, max_blocks=3):
+    """launch_gate_forward with the binding's arguments; returns z or the effective weight."""
+    out_dtype = torch.float32 if theta0 is None else out_dtype
+    arrays = {"la": _place(la, misaligned)}
+    if theta0 is not None:
+        arrays.update(theta0=_place(theta0, misaligned), diff=_place(diff, misaligned))
+    arrays["out"] = _place(torch.full(la.shape, float("nan"), dtype=out_dtype), misaligned)  # must be written
+    scalars = dict(theta_type=emu.ELEM_TYPE[theta0.dtype if theta0 is not None else torch.float32],
+                   out_type=emu.ELEM_TYPE[out_dtype], n=la.numel(),
+                   **_gate_scalars(seed, offset, training, l, r, beta, max_blocks))
+    status, out = h.run("gate_forward", scalars, arrays)
+    assert status == 0
+    return out["out"]
+
+
+def gate_backward(h, g, diff, la, seed, offset, training, l, r, beta, l0_lambda=0.0, grad_diff=None,
+                  grad_log_alpha=None, *, misaligned=False, max_blocks=3):
+    accumulate = grad_diff is not None
+    if not accumulate:  # poisoned: the kernel must write every element
+        grad_diff, grad_log_alpha = (torch.full(la.shape, float("nan")) for _ in range(2))
+    arrays = {name: _place(t, misaligned) for name, t in
+              dict(g=g, diff=diff, la=la, grad_diff=grad_diff, grad_la=grad_log_alpha).items()}
+    scalars = dict(g_type=emu.ELEM_TYPE[g.dtype], n=la.numel(), has_l0=l0_lambda != 0.0, l0_lambda=_hex(l0_lambda),
+                   l0_shift=_hex(beta * math.log(-l / r)), accumulate=accumulate,
+                   **_gate_scalars(seed, offset, training, l, r, beta, max_blocks))
+    status, out = h.run("gate_backward", scalars, arrays)
+    assert status == 0
+    return out["grad_diff"], out["grad_la"]
+
+
+# --------------------------------------------------------------------------------------------
+# The emulation itself: what it must catch
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_access_past_an_array_is_reported_by_the_sanitizer(harness):
+    with pytest.raises(emu.LaunchFailed, match="AddressSanitizer: heap-buffer-overflow"):
+        harness.run("selftest_out_of_bounds", dict(n=37), dict(x=torch.zeros(37)))
+
+
+def test_a_divergent_shuffle_is_reported(harness):
+    with pytest.raises(emu.LaunchFailed, match="divergent shuffle"):
+        harness.run("selftest_divergent_shuffle", {}, dict(x=torch.zeros(32)))
+
+
+def test_warps_shuffle_in_lockstep_and_bad_launches_fail(harness):
+    x = torch.randn(96, generator=torch.Generator().manual_seed(0))
+    status, out = harness.run("selftest_warp_sum", dict(threads=96), dict(x=x))
+    assert status == 0
+    expected = x.view(3, 32).sum(1, keepdim=True).expand(3, 32).reshape(-1)
+    torch.testing.assert_close(out["x"], expected)
+    assert harness.run("selftest_empty_grid", {}, dict(x=x))[0] == emu.CUDA_ERROR_INVALID_CONFIGURATION
+    # A real launcher surfaces the launch error (max_blocks 0 gives a grid of 0 blocks).
+    status, _ = harness.run("philox_uniform", dict(n=4, seed=1, max_blocks=0),
+                            dict(offsets=torch.arange(4), out=torch.zeros(4)))
+    assert status == emu.CUDA_ERROR_INVALID_CONFIGURATION
+
+
+# --------------------------------------------------------------------------------------------
+# gates.cu
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 + 17, 2**64 - 1])
+def test_philox_kernel_is_the_reference_bit_for_bit(harness, seed):
+    offsets = torch.cat([_offsets("cpu"), torch.tensor(U_ZERO_OFFSETS)])
+    status, out = harness.run("philox_uniform", dict(n=offsets.numel(), seed=seed, max_blocks=2),
+                              dict(offsets=offsets, out=torch.full((offsets.numel(),), float("nan"))))
+    assert status == 0
+    assert torch.equal(out["out"].view(torch.int32), ref.philox_uniform(seed, offsets).view(torch.int32))
+
+
+@pytest.mark.parametrize("n", [1, 9, 341, 4231])
+@pytest.mark.parametrize("cfg", GATE_CONFIGS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("max_blocks", GRIDS)
+def test_gate_kernel_matches_the_reference_on_both_load_paths(harness, n, cfg, training, max_blocks):
+    la = _log_alpha((n,), "cpu", torch.Generator().manual_seed(n))  # includes +-1e4, +-80
+    args = (2**63 + 11, 2**32 - 1000, training, cfg["l"], cfg["r"], cfg["beta"])  # counters cross 2**32
+    vector = gate_forward(harness, la, *args, max_blocks=max_blocks)
+    scalar = gate_forward(harness, la, *args, misaligned=True, max_blocks=max_blocks)
+    assert torch.equal(vector.view(torch.int32), scalar.view(torch.int32))
+    z64 = ref.gate_forward(la.double(), *args)
+    assert_close_by_rule(vector, ref.gate_forward(la, *args), z64, GATE_ATOL, "z")
+    far = ~_near_boundary(_sbar64(la, *args))
+    assert torch.equal((vector == 0)[far], (z64 == 0)[far]) and torch.equal((vector == 1)[far], (z64 == 1)[far])
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_effective_weight_kernel_rounds_once_to_the_output_dtype(harness, base_dtype, out_dtype):
+    gen = torch.Generator().manual_seed(11)
+    n = 1031  # a partial last pack
+    theta0 = torch.randn(n, generator=gen).to(base_dtype)
+    w = torch.randn(n, generator=gen) * 0.1
+    la = _log_alpha((n,), "cpu", gen)
+    args = (9, 2**31 - 100, True, -1.5, 1.5, 1.0)
+    out = gate_forward(harness, la, *args, theta0=theta0, diff=w, out_dtype=out_dtype)
+    scalar = gate_forward(harness, la, *args, theta0=theta0, diff=w, out_dtype=out_dtype, misaligned=True,
+                          max_blocks=1)
+    assert out.dtype == out_dtype and torch.equal(out.view(_INT[out_dtype]), scalar.view(_INT[out_dtype]))
+    oracle = ref.gate_forward(la.double(), *args, theta0=theta0.double(), diff=w.double(), out_dtype=torch.float64)
+    same_dtype = ref.gate_forward(la, *args, theta0=theta0, diff=w, out_dtype=out_dtype)
+    atol = torch.finfo(out_dtype).eps * oracle.abs().max().item()  # one rounding to out_dtype
+    assert_close_by_rule(out, same_dtype, oracle, atol, "effective weight")
+
+
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("l0_lambda", [0.0, 0.3])
+def test_gate_backward_kernel_matches_the_reference_and_accumulates(harness, g_dtype, training, l0_lambda):
+    gen = torch.Generator().manual_seed(21)
+    n, cfg = 2053, GATE_CONFIGS[1]
+    g, w, la = torch.randn(n, generator=gen).to(g_dtype), torch.randn(n, generator=gen), _log_alpha((n,), "cpu", gen)
+    args = (2**63 + 5, 123, training, cfg["l"], cfg["r"], cfg["beta"], l0_lambda)
+    gw, gla = gate_backward(harness, g, w, la, *args)
+    ow, ola = ref.gate_backward(g.double(), w.double(), la.double(), *args)
+    tw, tla = ref.gate_backward(g.float(), w, la, *args)
+    far = ~_near_boundary(_sbar64(la, *args[:-1]))
+    atol = 8 * torch.finfo(torch.float32).eps * ((g.double().abs() * w.abs()).max().item() + l0_lambda)
+    assert_close_by_rule(gw, tw, ow, atol, "grad_diff")
+    assert_close_by_rule(gla[far], tla[far], ola[far], atol, "grad_log_alpha")
+    # Accumulating into given buffers, on the scalar path and one block: start + the fresh gradients.
+    start_w, start_la = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    acc_w, acc_la = gate_backward(harness, g, w, la, *args, start_w.clone(), start_la.clone(), misaligned=True,
+                                  max_blocks=1)
+    assert torch.equal(acc_w, start_w + gw) and torch.equal(acc_la, start_la + gla)
+
+
+# --------------------------------------------------------------------------------------------
+# scatter.cu
+# --------------------------------------------------------------------------------------------
+
+
+def scatter(h, op, targets, ids, index, saved, values=None, *, misaligned=False, max_blocks=3, num_tables=None):
+    """launch_scatter_apply / _restore over targets (their addresses in a table); returns (targets, saved)."""
+    arrays = {f"t{i}": t for i, t in enumerate(targets)}
+    streams = dict(ids=ids, index=index, saved=saved) | ({} if values is None else dict(values=values))
+    arrays.update({name: _place(t, misaligned) for name, t in streams.items()})
+    scalars = dict(type=emu.ELEM_TYPE[saved.dtype], num_tables=len(targets) if num_tables is None else num_tables,
+                   index64=index.dtype == torch.int64, n=ids.numel(), max_blocks=max_blocks)
+    status, out = h.run(op, scalars, arrays, dict(table=[f"t{i}" for i in range(len(targets))]))
+    assert status == 0
+    return [out[f"t{i}"] for i in range(len(targets))], out["saved"]
+
+
+def _bits_equal(a, b):
+    return torch.equal(a.view(_INT[a.dtype]), b.view(_INT[b.dtype]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["vector", "scalar"])
+def test_scatter_kernels_merge_as_the_reference_and_restore_bit_for_bit(harness, dtype, index_dtype, misaligned):
+    targets, _, ids, index, values, starts = _layout([1, 9, 341, 4231, 2, 1030], 0.3, dtype, "cpu",
+                                                     torch.Generator().manual_seed(7), index_dtype)
+    # An empty tensor first in the table and one more after the last entry's tensor: no entries.
+    targets = [torch.empty(0, dtype=dtype), *targets, torch.randn(7).to(dtype)]
+    ids, starts = ids + 1, [0, *starts]
+    expected = [t.clone() for t in targets]
+    expected_saved = torch.empty(ids.numel(), dtype=dtype)
+    ref.scatter_apply(expected, None, ids, index, values, starts, expected_saved)
+    poisoned = torch.full((ids.numel(),), float("nan"), dtype=dtype)
+    merged, saved = scatter(harness, "scatter_apply", targets, ids, index, poisoned, values, misaligned=misaligned,
+                            max_blocks=1 if misaligned else 3)
+    assert _bits_equal(saved, expected_saved)
+    assert all(_bits_equal(m, e) for m, e in zip(merged, expected, strict=True))
+    assert any(not _bits_equal(m, t) for m, t in zip(merged, targets, strict=True))
+    restored, _ = scatter(harness, "scatter_restore", merged, ids, index, saved, misaligned=misaligned)
+    assert all(_bits_equal(r, t) for r, t in zip(restored, targets, strict=True))
+
+
+def test_scatter_kernels_skip_ids_outside_the_table(harness):
+    targets, _, ids, index, values, _ = _layout([9, 341, 40], 0.3, torch.float32, "cpu",
+                                                torch.Generator().manual_seed(2), torch.int64)
+    bad = ids.clone()
+    bad[0], bad[-1], bad[5] = len(targets), -1, 2**31 - 1  # never dereferenced: no table[id] read either
+    merged, saved = scatter(harness, "scatter_apply", targets, bad, index, torch.zeros(ids.numel()), values)
+    good = (bad >= 0) & (bad < len(targets))
+    assert (saved[~good] == 0).all()  # skipped entries leave their saved slot as it was
+    expected = [t.clone() for t in targets]
+    for j in good.nonzero().view(-1).tolist():
+        expected[bad[j]][index[j]] += values[j]
+    assert all(_bits_equal(m, e) for m, e in zip(merged, expected, strict=True))
+    # A table shorter than the ids: the ids past it are outside too.
+    merged, _ = scatter(harness, "scatter_apply", targets, ids, index, torch.zeros(ids.numel()), values,
+                        num_tables=1)
+    assert not _bits_equal(merged[0], targets[0])
+    assert _bits_equal(merged[1], targets[1]) and _bits_equal(merged[2], targets[2])
+
+
+# --------------------------------------------------------------------------------------------
+# sddmm.cu
+# --------------------------------------------------------------------------------------------
+
+
+def sddmm(h, grad_y, x, index, in_features, *, layout="padded", max_blocks=4):
+    """launch_sddmm on dY^T and X^T stored with row stride ld: 'padded' (rows 16-byte aligned: the
+    16-byte pack path, then an element tail), 'dense' (ld = M) or 'shifted' (padded, the whole one
+    element off alignment: element by element)."""
+    m = grad_y.shape[0]
+    ld = m if layout == "dense" else (m + 16) // 16 * 16
+    misalign = grad_y.element_size() if layout == "shifted" else 0
+
+    def rows(t):  # t^T (C, M) stored in a (C, ld) buffer of NaN padding
+        buf = torch.full((t.shape[1], ld), float("nan"), dtype=t.dtype)
+        buf[:, :m] = t.t()
+        return buf, misalign
+
+    acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    scalars = dict(type=emu.ELEM_TYPE[grad_y.dtype], ld_dyt=ld, ld_xt=ld, nnz=index.numel(), m=m,
+                   n_rows=grad_y.shape[1], k=in_features, max_blocks=max_blocks)
+    status, out = h.run("sddmm", scalars, dict(dyt=rows(grad_y), xt=rows(x), index=index,
+                                               out=torch.full((index.numel(),), float("nan"), dtype=acc)))
+    assert status == 0
+    return out["out"]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 41, 9), (37, 9, 41), (130, 24, 16), (0, 5, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_sddmm_kernel_matches_the_float64_reference(harness, m, k, n, dtype):
+    gen = torch.Generator().manual_seed(m + k + n)
+    gy, x = torch.randn(m, n, generator=gen).to(dtype), torch.randn(m, k, generator=gen).to(dtype)
+    index = torch.randperm(n * k, generator=gen)[: max(1, n * k // 3)].sort().values
+    oracle, same = ref.sddmm(gy.double(), x.double(), index, k), ref.sddmm(gy, x, index, k)
+    scale = (gy.double().abs().t() @ x.double().abs()).max().item() if m else 0.0
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    perm = torch.randperm(index.numel(), generator=gen)
+    outs = {layout: sddmm(harness, gy, x, index, k, layout=layout) for layout in ("padded", "dense", "shifted")}
+    outs["unsorted, one block"] = sddmm(harness, gy, x, index[perm], k, max_blocks=1)[perm.argsort()]
+    for name, out in outs.items():
+        assert out.dtype == same.dtype
+        assert_close_by_rule(out, same, oracle, 4 * eps * scale, f"sddmm {dtype} {name}")
+
+
+def test_sddmm_kernel_gives_nan_for_an_index_out_of_range(harness):
+    gen = torch.Generator().manual_seed(3)
+    gy, x = torch.randn(33, 10, generator=gen), torch.randn(33, 7, generator=gen)
+    out = sddmm(harness, gy, x, torch.tensor([-1, 3, 70, 69, -(2**62)]), 7)
+    assert out[[0, 2, 4]].isnan().all()
+    torch.testing.assert_close(out[[1, 3]], ref.sddmm(gy, x, torch.tensor([3, 69]), 7))
