@@ -8,6 +8,8 @@ Providers:
     triton-unfused  gate-apply kernel writing W in bf16, cuBLAS, cuBLAS dY^T X, gate-backward kernel
     triton-fused    gates drawn inside Triton GEMM tile loads; weight gradient routed in the GEMM epilogue
     triton-fused-forward, triton-fused-wgrad   one half fused, the other unfused (DPKERNELS_DIFF_LINEAR)
+    triton-unfused-overlap   triton-unfused with the gate-backward pass on a side stream beside the dX
+                    GEMM (DPKERNELS_OVERLAP_ROUTING=1; its rows decide whether that becomes the default)
     cuda            dpkernels on the compiled extension (gate kernels + cuBLAS), when it is built
     fixed-mask      after projection to 0.5%: W = theta0 + scatter(values), weight gradient only at
                     the mask (sddmm) -- the fixed-mask finetuning stage (Triton backend on CUDA)
@@ -45,10 +47,11 @@ def _providers(k: int, n: int, device: str):
         layer.log_alpha.normal_(0, 2)
     gated = [layer.diff, layer.log_alpha, layer.bias_diff, layer.bias_log_alpha]
 
-    def backend(name, path="auto"):
+    def backend(name, path="auto", overlap=False):
         def fn(x):
             os.environ["DPKERNELS_BACKEND"] = name
             os.environ["DPKERNELS_DIFF_LINEAR"] = path
+            os.environ["DPKERNELS_OVERLAP_ROUTING"] = "1" if overlap else "0"
             return layer(x), None
         return fn
 
@@ -77,6 +80,7 @@ def _providers(k: int, n: int, device: str):
         "torch.compile": (compiled, gated),
         "triton": (backend("triton"), gated),
         **{f"triton-{path}": (backend("triton", path), gated) for path in ops._PATHS},
+        "triton-unfused-overlap": (backend("triton", "unfused", overlap=True), gated),
         "cuda": (backend("cuda"), gated),
         "fixed-mask": (fixed_step, [fixed.diff_values, fixed.bias_diff_values]),
     }
@@ -134,7 +138,7 @@ def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers
         if out is not None:
             write_rows(rows, out, "bench_diff_linear")
         print(f"bench_diff_linear: {k}->{n} done, {time.perf_counter() - start:.0f} s", flush=True)
-    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR"):
+    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_ROUTING"):
         os.environ.pop(name, None)
     return rows
 
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
     if args.device != "cuda":
         print("bench_diff_linear: no CUDA device; a CPU smoke run of nn.Linear and the torch backend only")
     default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,triton-fused-forward," \
-        "triton-fused-wgrad,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
+        "triton-fused-wgrad,triton-unfused-overlap,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
     if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_diff_linear"):
         providers.append("cuda")

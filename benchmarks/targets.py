@@ -24,7 +24,7 @@ LAYER_SHAPES = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (4096, 409
 LAYER_TARGETS = {8192: 1.10, 512: 2.0}  # DiffLinear time / nn.Linear time, per token count
 FIXED_MASK_TARGET = 0.8  # fixed-mask DiffLinear / nn.Linear at M = 8192
 FIXED_MASK_SHAPES = [(4096, 4096), (4096, 11008)]
-PATHS = ["triton-unfused", "triton-fused", "triton-fused-forward", "triton-fused-wgrad"]
+PATHS = ["triton-unfused", "triton-fused", "triton-fused-forward", "triton-fused-wgrad", "triton-unfused-overlap"]
 # Gate kernels (bench_gates): "at copy bandwidth", read as at least this fraction of a copy_ moving the same bytes.
 GATES_SHAPE, COPY_FRACTION = "4096x11008", 0.9
 SWITCH_MS, SWITCH_MODEL = 0.2, "bert L24 H1024"  # a whole BERT-large task switch (bench_switch)

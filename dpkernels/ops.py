@@ -9,6 +9,7 @@ backward ops) under torch.compile; both call the same implementation functions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -363,26 +364,78 @@ def _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_di
     return F.linear(x, w_eff, b_eff), w_eff
 
 
+_OVERLAP_ENV = "DPKERNELS_OVERLAP_ROUTING"
+_routing_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _routing_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The side stream the unfused weight-gradient routing pass runs on, beside the dX GEMM, when
+    DPKERNELS_OVERLAP_ROUTING=1 on a CUDA device; None otherwise (one stream, in order).
+
+    Off by default, pending a GPU measurement (bench_diff_linear's triton-unfused-overlap rows): the
+    routing pass is memory-bound (~18 B per weight element) and the dX GEMM compute-bound, so at
+    M = 8192 running them together may hide most of the pass, or the GEMM, which fills every SM, may
+    leave it no room."""
+    choice = os.environ.get(_OVERLAP_ENV, "0").strip() or "0"
+    if choice not in ("0", "1"):
+        raise ValueError(f"{_OVERLAP_ENV}={choice!r} must be 0 or 1")
+    if choice == "0" or device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _routing_streams:
+        _routing_streams[index] = torch.cuda.Stream(device=index)
+    return _routing_streams[index]
+
+
+@contextlib.contextmanager
+def _beside(side: torch.cuda.Stream | None, inputs):
+    """Run the block on `side` after the current stream's work so far (side None: just run it);
+    the inputs, allocated on the current stream, are kept alive until side has used them."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+    for t in inputs:
+        t.record_stream(side)
+
+
+def _join(side: torch.cuda.Stream | None, outputs) -> None:
+    """The current stream waits for `side`; the outputs allocated there stay alive for the current stream."""
+    if side is None:
+        return
+    main = torch.cuda.current_stream(side.device)
+    main.wait_stream(side)
+    for t in outputs:
+        t.record_stream(main)
+
+
 def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, log_alpha, bias_diff, bias_log_alpha,
                                seed, training, l, r, beta, l0_lambda, fused, fused_wgrad, needs):
     """Gradients (x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha); None where not needed.
 
     ``fused``: the forward was fused (no W saved: dX by the fused GEMM); ``fused_wgrad``: route the
-    weight gradient in the epilogue of the dY^T X GEMM instead of cuBLAS + one gate pass."""
+    weight gradient in the epilogue of the dY^T X GEMM instead of cuBLAS + one gate pass; under
+    DPKERNELS_OVERLAP_ROUTING=1 that pass runs beside the dX GEMM (see _routing_stream)."""
     seed = _seed_value(seed)
     gates = (seed, 0, training, l, r, beta)
     gy = grad_y.to(x.dtype)
     grad = [None] * 7
-    if needs[0]:
-        grad[0] = gy @ w_eff if not fused else backend.gated_linear_grad_input(
-            gy, weight.contiguous(), diff.contiguous(), log_alpha.contiguous(), *gates)
     route = needs[3] or needs[4]
+    side = None
     if needs[1] or (route and not fused_wgrad):
         dense = gy.t() @ x  # dLoss/dW in the compute dtype, as nn.Linear's backward forms it
         if needs[1]:
             grad[1] = dense.to(weight.dtype)
         if route and not fused_wgrad:
-            grad[3], grad[4] = backend.gate_backward(dense, diff, log_alpha, *gates, l0_lambda)
+            side = _routing_stream(dense.device)
+            with _beside(side, (dense, diff, log_alpha)):
+                grad[3], grad[4] = backend.gate_backward(dense, diff, log_alpha, *gates, l0_lambda)
+    if needs[0]:
+        grad[0] = gy @ w_eff if not fused else backend.gated_linear_grad_input(
+            gy, weight.contiguous(), diff.contiguous(), log_alpha.contiguous(), *gates)
+    _join(side, grad[3:5])
     if route and fused_wgrad:
         grad[3], grad[4] = backend.gated_linear_grad_weight(gy, x, diff.contiguous(), log_alpha.contiguous(), *gates,
                                                             l0_lambda)
@@ -520,7 +573,9 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     (saving that compute-dtype weight for dX, as nn.Linear saves its weight); the fused path
     (triton backend) draws the gates inside the GEMMs' tile loads and routes the weight gradient in
     the GEMM's epilogue, so nothing weight-sized is written or saved; the two halves can be chosen
-    apart. Under torch.compile the call is the custom op ``dpkernels::diff_linear`` (no graph break).
+    apart. ``DPKERNELS_OVERLAP_ROUTING=1`` runs the unfused weight gradient's routing pass on a side
+    stream, beside the dX GEMM (CUDA only; the same results). Under torch.compile the call is the
+    custom op ``dpkernels::diff_linear`` (no graph break).
     """
     _check_diff_linear(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha)
     check_gate_config(l, r, beta)

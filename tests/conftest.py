@@ -61,9 +61,10 @@ TRITON_DEVICES = [pytest.param(d, marks=_case_marks(d, "triton")) for d in ("cpu
 
 @pytest.fixture(autouse=True)
 def _default_backend_env(monkeypatch):
-    """Every test starts from DPKERNELS_BACKEND unset (auto) and no finite-check override."""
-    monkeypatch.delenv("DPKERNELS_BACKEND", raising=False)
-    monkeypatch.delenv("DPKERNELS_CHECK_FINITE", raising=False)
+    """Every test starts from DPKERNELS_BACKEND unset (auto), the auto diff-linear path (routing in
+    order), and no finite-check override."""
+    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_ROUTING", "DPKERNELS_CHECK_FINITE"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(params=BACKEND_CASES)

@@ -231,6 +231,117 @@ def test_path_choice_errors(monkeypatch):
             dpkernels.diff_linear(*args, seed=1)
 
 
+def _unfused_grads(device, backend, monkeypatch, overlap, m=6, k=9, n=7, steps=1):
+    """Per step (y, dx, grad_diff, grad_log_alpha, grad_bias_diff, grad_bias_log_alpha) on the unfused
+    path with DPKERNELS_OVERLAP_ROUTING=overlap; bf16 autocast on CUDA."""
+    monkeypatch.setenv("DPKERNELS_BACKEND", backend)
+    monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "unfused")
+    monkeypatch.setenv("DPKERNELS_OVERLAP_ROUTING", overlap)
+    x, *rest = _layer_args(device, m=m, k=k, n=n)
+    x.requires_grad_()
+    trainable = rest[2:]  # diff, log_alpha, bias_diff, bias_log_alpha
+    for t in trainable:
+        t.requires_grad_()
+    outs = []
+    for step in range(steps):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            y = dpkernels.diff_linear(x, *rest, seed=step, l0_lambda=1e-3)
+        outs.append((y, *torch.autograd.grad(y.float().square().sum(), [x, *trainable])))
+    return outs
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_overlap_switch_is_checked_and_changes_nothing_off_cuda(device, monkeypatch):
+    with pytest.raises(ValueError, match="DPKERNELS_OVERLAP_ROUTING='yes' must be 0 or 1"):
+        _unfused_grads(device, "triton", monkeypatch, "yes")
+    if device == "cpu":  # no side stream without CUDA: the same computation
+        for a, b in zip(*(_unfused_grads(device, "triton", monkeypatch, on)[0] for on in "01"), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_routing_beside_the_dx_gemm_forks_and_joins_the_streams_in_order(monkeypatch):
+    """The stream protocol, on CPU with stand-in streams (the GPU test below runs the real one): the
+    side stream starts after dLoss/dW is formed, the routing pass runs on it while dX is formed on
+    the current stream, which then waits for it; every tensor crossing streams is recorded there."""
+    import contextlib
+
+    from dpkernels.backends import load
+
+    events, current = [], []
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.device = name, torch.device("cuda", 0)
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    main, side = Stream("main"), Stream("side")
+    current.append(main)
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    backend = load("torch")
+    gate_backward = backend.gate_backward
+
+    def routing(*args, **kwargs):
+        events.append(f"routing on {current[-1].name}")
+        return gate_backward(*args, **kwargs)
+
+    def matmul(a, b):
+        events.append(f"matmul {tuple(a.shape)} x {tuple(b.shape)} on {current[-1].name}")
+        return torch.mm(a, b)
+
+    monkeypatch.setattr(ops, "_routing_stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, stream: events.append(f"{tuple(t.shape)} kept for {stream.name}"))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    monkeypatch.setattr(backend, "gate_backward", routing)
+    m, k, n = 6, 9, 7
+    args = (torch.randn(m, n), torch.randn(m, k), torch.randn(n, k), None, torch.randn(n, k), torch.randn(n, k),
+            torch.randn(n, k), None, None, ops._seed_tensor(3), True, L, R, BETA, 1e-3, False, False)
+    needs = [True, False, False, True, True, False, False]
+    grads = ops._diff_linear_backward_impl(backend, *args, needs)
+    assert events == [
+        f"matmul {(n, m)} x {(m, k)} on main",  # dLoss/dW
+        "side waits for main",
+        "routing on side",
+        *[f"{(n, k)} kept for side"] * 3,  # dLoss/dW, diff, log_alpha
+        f"matmul {(m, n)} x {(n, k)} on main",  # dX, while the routing pass runs
+        "main waits for side",
+        *[f"{(n, k)} kept for main"] * 2,  # grad_diff, grad_log_alpha
+    ]
+    monkeypatch.setattr(ops, "_routing_stream", lambda device: None)
+    for a, b in zip(grads, ops._diff_linear_backward_impl(backend, *args, needs), strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_routing_beside_the_dx_gemm_gives_the_same_gradients_bit_for_bit(backend, monkeypatch):
+    from conftest import CUDA_EXT_MISSING
+
+    if backend == "cuda" and CUDA_EXT_MISSING is not None:
+        pytest.skip(CUDA_EXT_MISSING)
+    shape = dict(m=8192, k=1024, n=4096, steps=5)  # big enough for the two streams to run at once
+    expected = _unfused_grads("cuda", backend, monkeypatch, "0", **shape)
+    side = torch.cuda.Stream()
+    for current in (torch.cuda.current_stream(), side):  # also from a user's non-default stream
+        with torch.cuda.stream(current):
+            got = _unfused_grads("cuda", backend, monkeypatch, "1", **shape)
+        torch.cuda.synchronize()
+        for step_got, step_expected in zip(got, expected, strict=True):
+            for a, b in zip(step_got, step_expected, strict=True):
+                assert torch.equal(a, b)
+
+
 def test_fp32_dot_precision_follows_both_tf32_apis():
     """allow_tf32 (legacy) and fp32_precision (torch >= 2.9) both pick the fp32 dot; after the new
     API is used, reading the legacy flag raises in torch, which the fused path must not."""

@@ -90,7 +90,7 @@ def test_verdicts_from_known_ratios(tmp_path):
     assert f"device {GPU}" in text and "commit abc1234" in text and "cpu" not in text.split("\n")[0]
     # The paths table: the fastest path at 8192x4096->11008 and auto's time over it.
     line = next(x for x in text.splitlines() if x.startswith(f"| {big} |"))
-    assert line == f"| {big} | 3.2 | 3.5 | - | - | triton-unfused | 0.98 |"
+    assert line == f"| {big} | 3.2 | 3.5 | - | - | - | triton-unfused | 0.98 |"
 
 
 def test_cli_prints_the_tables_and_rejects_a_missing_folder(tmp_path, capsys):
