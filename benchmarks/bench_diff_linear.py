@@ -9,10 +9,12 @@ Providers:
     triton-fused    gates drawn inside Triton GEMM tile loads; weight gradient routed in the GEMM epilogue
     triton-fused-forward, triton-fused-wgrad   one half fused, the other unfused (DPKERNELS_DIFF_LINEAR)
     triton-unfused-overlap   triton-unfused with the gate-backward pass on a side stream beside the dX
-                    GEMM (DPKERNELS_OVERLAP_ROUTING=1; its rows decide whether that becomes the default)
+                    GEMM (DPKERNELS_OVERLAP_WGRAD=1; its rows decide whether that becomes the default)
     cuda            dpkernels on the compiled extension (gate kernels + cuBLAS), when it is built
     fixed-mask      after projection to 0.5%: W = theta0 + scatter(values), weight gradient only at
                     the mask (sddmm) -- the fixed-mask finetuning stage (Triton backend on CUDA)
+    fixed-mask-overlap   fixed-mask with the sddmm on a side stream beside the dX GEMM
+                    (DPKERNELS_OVERLAP_WGRAD=1)
 Modes: forward, backward (the backward alone, graph retained; not for torch.compile, whose compiled
 backward donates its saved buffers and so cannot run twice on one graph), full (forward +
 backward; the L0 gradient included in the L0 stage). The fused/unfused pair at several token
@@ -51,7 +53,7 @@ def _providers(k: int, n: int, device: str):
         def fn(x):
             os.environ["DPKERNELS_BACKEND"] = name
             os.environ["DPKERNELS_DIFF_LINEAR"] = path
-            os.environ["DPKERNELS_OVERLAP_ROUTING"] = "1" if overlap else "0"
+            os.environ["DPKERNELS_OVERLAP_WGRAD"] = "1" if overlap else "0"
             return layer(x), None
         return fn
 
@@ -70,9 +72,12 @@ def _providers(k: int, n: int, device: str):
     dpkernels.project(fixed, 0.005)
     fixed_backend = "triton" if device == "cuda" else "torch"
 
-    def fixed_step(x):
-        os.environ["DPKERNELS_BACKEND"] = fixed_backend
-        return fixed(x), None
+    def fixed_mask(overlap=False):
+        def fn(x):
+            os.environ["DPKERNELS_BACKEND"] = fixed_backend
+            os.environ["DPKERNELS_OVERLAP_WGRAD"] = "1" if overlap else "0"
+            return fixed(x), None
+        return fn
 
     return {
         "nn.Linear": (lambda x: (linear(x), None), list(linear.parameters())),
@@ -82,7 +87,8 @@ def _providers(k: int, n: int, device: str):
         **{f"triton-{path}": (backend("triton", path), gated) for path in ops._PATHS},
         "triton-unfused-overlap": (backend("triton", "unfused", overlap=True), gated),
         "cuda": (backend("cuda"), gated),
-        "fixed-mask": (fixed_step, [fixed.diff_values, fixed.bias_diff_values]),
+        "fixed-mask": (fixed_mask(), [fixed.diff_values, fixed.bias_diff_values]),
+        "fixed-mask-overlap": (fixed_mask(overlap=True), [fixed.diff_values, fixed.bias_diff_values]),
     }
 
 
@@ -138,7 +144,7 @@ def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers
         if out is not None:
             write_rows(rows, out, "bench_diff_linear")
         print(f"bench_diff_linear: {k}->{n} done, {time.perf_counter() - start:.0f} s", flush=True)
-    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_ROUTING"):
+    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_WGRAD"):
         os.environ.pop(name, None)
     return rows
 
@@ -153,8 +159,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device != "cuda":
         print("bench_diff_linear: no CUDA device; a CPU smoke run of nn.Linear and the torch backend only")
-    default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,triton-fused-forward," \
-        "triton-fused-wgrad,triton-unfused-overlap,fixed-mask" if args.device == "cuda" else "nn.Linear,torch"
+    gpu_default = "nn.Linear,torch,torch.compile,triton,triton-unfused,triton-fused,triton-fused-forward," \
+        "triton-fused-wgrad,triton-unfused-overlap,fixed-mask,fixed-mask-overlap"
+    default = gpu_default if args.device == "cuda" else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
     if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_diff_linear"):
         providers.append("cuda")

@@ -364,27 +364,28 @@ def _diff_linear_forward_impl(backend, x, weight, bias, diff, log_alpha, bias_di
     return F.linear(x, w_eff, b_eff), w_eff
 
 
-_OVERLAP_ENV = "DPKERNELS_OVERLAP_ROUTING"
-_routing_streams: dict[int, torch.cuda.Stream] = {}
+_OVERLAP_ENV = "DPKERNELS_OVERLAP_WGRAD"
+_wgrad_streams: dict[int, torch.cuda.Stream] = {}
 
 
-def _routing_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The side stream the unfused weight-gradient routing pass runs on, beside the dX GEMM, when
-    DPKERNELS_OVERLAP_ROUTING=1 on a CUDA device; None otherwise (one stream, in order).
+def _wgrad_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The side stream that a weight-gradient pass runs on, beside the dX GEMM, under
+    DPKERNELS_OVERLAP_WGRAD=1 on a CUDA device (the L0 stage's unfused routing pass, the fixed-mask
+    stage's sampled dY^T X); None otherwise (one stream, in order). The results are the same.
 
-    Off by default, pending a GPU measurement (bench_diff_linear's triton-unfused-overlap rows): the
-    routing pass is memory-bound (~18 B per weight element) and the dX GEMM compute-bound, so at
-    M = 8192 running them together may hide most of the pass, or the GEMM, which fills every SM, may
-    leave it no room."""
+    Off by default, pending a GPU measurement (bench_diff_linear's triton-unfused-overlap and
+    fixed-mask-overlap rows): both passes are memory-bound (the routing pass moves ~18 B per weight
+    element) and the dX GEMM compute-bound, so at M = 8192 running them together may hide most of
+    the pass, or the GEMM, which fills every SM, may leave it no room."""
     choice = os.environ.get(_OVERLAP_ENV, "0").strip() or "0"
     if choice not in ("0", "1"):
         raise ValueError(f"{_OVERLAP_ENV}={choice!r} must be 0 or 1")
     if choice == "0" or device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _routing_streams:
-        _routing_streams[index] = torch.cuda.Stream(device=index)
-    return _routing_streams[index]
+    if index not in _wgrad_streams:
+        _wgrad_streams[index] = torch.cuda.Stream(device=index)
+    return _wgrad_streams[index]
 
 
 @contextlib.contextmanager
@@ -417,7 +418,7 @@ def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, lo
 
     ``fused``: the forward was fused (no W saved: dX by the fused GEMM); ``fused_wgrad``: route the
     weight gradient in the epilogue of the dY^T X GEMM instead of cuBLAS + one gate pass; under
-    DPKERNELS_OVERLAP_ROUTING=1 that pass runs beside the dX GEMM (see _routing_stream)."""
+    DPKERNELS_OVERLAP_WGRAD=1 that pass runs beside the dX GEMM (see _wgrad_stream)."""
     seed = _seed_value(seed)
     gates = (seed, 0, training, l, r, beta)
     gy = grad_y.to(x.dtype)
@@ -429,7 +430,7 @@ def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, lo
         if needs[1]:
             grad[1] = dense.to(weight.dtype)
         if route and not fused_wgrad:
-            side = _routing_stream(dense.device)
+            side = _wgrad_stream(dense.device)
             with _beside(side, (dense, diff, log_alpha)):
                 grad[3], grad[4] = backend.gate_backward(dense, diff, log_alpha, *gates, l0_lambda)
     if needs[0]:
@@ -573,7 +574,7 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     (saving that compute-dtype weight for dX, as nn.Linear saves its weight); the fused path
     (triton backend) draws the gates inside the GEMMs' tile loads and routes the weight gradient in
     the GEMM's epilogue, so nothing weight-sized is written or saved; the two halves can be chosen
-    apart. ``DPKERNELS_OVERLAP_ROUTING=1`` runs the unfused weight gradient's routing pass on a side
+    apart. ``DPKERNELS_OVERLAP_WGRAD=1`` runs the unfused weight gradient's routing pass on a side
     stream, beside the dX GEMM (CUDA only; the same results). Under torch.compile the call is the
     custom op ``dpkernels::diff_linear`` (no graph break).
     """
@@ -639,14 +640,19 @@ def _fixed_mask_forward_impl(x, weight, bias, values, index, bias_values, bias_i
 
 
 def _fixed_mask_backward_impl(grad_y, x, w_eff, index, bias_index, values, needs):
-    """(grad_x, grad_values, grad_bias_values), None where not needed; needs = those three flags."""
+    """(grad_x, grad_values, grad_bias_values), None where not needed; needs = those three flags.
+    Under DPKERNELS_OVERLAP_WGRAD=1 the sampled weight gradient runs beside the dX GEMM."""
     gy = grad_y.to(w_eff.dtype)
     grads = [None, None, None]
-    if needs[0]:
-        grads[0] = gy @ w_eff
+    side = None
     if needs[1]:
         backend = select("sddmm", values.device, values.dtype, primitive="sddmm")
-        grads[1] = backend.sddmm(gy, x, index, w_eff.shape[1])
+        side = _wgrad_stream(gy.device)
+        with _beside(side, (gy, x, index)):
+            grads[1] = backend.sddmm(gy, x, index, w_eff.shape[1])
+    if needs[0]:
+        grads[0] = gy @ w_eff
+    _join(side, grads[1:2])
     if needs[2]:
         grads[2] = gy.sum(0, dtype=torch.float32)[bias_index]
     return grads
@@ -718,7 +724,8 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
 
     The mask m is given by sorted unique flat indices ``index`` (int64) and the trainable delta by
     ``values`` (fp32) at those entries; likewise ``bias_index``/``bias_values`` (None: bias ungated).
-    The weight gradient is computed only at the mask's entries. ``validate`` checks the indices
+    The weight gradient is computed only at the mask's entries (beside the dX GEMM, on a side
+    stream, under ``DPKERNELS_OVERLAP_WGRAD=1``; the same results). ``validate`` checks the indices
     (sorted, unique, in range; a host sync): pass False only for indices already checked. Under
     torch.compile the call is the custom op ``dpkernels::fixed_mask_linear``.
     """

@@ -63,7 +63,7 @@ TRITON_DEVICES = [pytest.param(d, marks=_case_marks(d, "triton")) for d in ("cpu
 def _default_backend_env(monkeypatch):
     """Every test starts from DPKERNELS_BACKEND unset (auto), the auto diff-linear path (routing in
     order), and no finite-check override."""
-    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_ROUTING", "DPKERNELS_CHECK_FINITE"):
+    for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_WGRAD", "DPKERNELS_CHECK_FINITE"):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -174,11 +174,13 @@ def test_gate_backward_kernel_matches_the_reference_and_accumulates(harness, g_d
     atol = 8 * torch.finfo(torch.float32).eps * ((g.double().abs() * w.abs()).max().item() + l0_lambda)
     assert_close_by_rule(gw, tw, ow, atol, "grad_diff")
     assert_close_by_rule(gla[far], tla[far], ola[far], atol, "grad_log_alpha")
-    # Accumulating into given buffers, on the scalar path and one block: start + the fresh gradients.
+    # Accumulating into given buffers: start + the fresh gradients, each element added exactly once
+    # (an element visited twice by the grid-stride loop would be added twice), on both load paths.
     start_w, start_la = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    acc_w, acc_la = gate_backward(harness, g, w, la, *args, start_w.clone(), start_la.clone(), misaligned=True,
-                                  max_blocks=1)
-    assert torch.equal(acc_w, start_w + gw) and torch.equal(acc_la, start_la + gla)
+    for misaligned, max_blocks in ((True, 1), (False, 3)):
+        acc_w, acc_la = gate_backward(harness, g, w, la, *args, start_w.clone(), start_la.clone(),
+                                      misaligned=misaligned, max_blocks=max_blocks)
+        assert torch.equal(acc_w, start_w + gw) and torch.equal(acc_la, start_la + gla)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def test_verdicts_from_known_ratios(tmp_path):
         _layer("torch.compile", big, 4.7, peak_mb=1000),  # triton's peak above torch.compile's: memory missed
         _layer("nn.Linear", mid, 0.2), _layer("triton", mid, 0.5),  # 2.5x: missed
         _layer("fixed-mask", "8192x4096->4096", 0.7), _layer("nn.Linear", "8192x4096->4096", 1.0),  # 0.7x: met
+        _layer("fixed-mask-overlap", "8192x4096->4096", 0.85),  # 0.85x: missed (an optional provider)
         _layer("triton-unfused", big, 3.2), _layer("triton-fused", big, 3.5),
+        _layer("triton-unfused-overlap", big, 3.1),
         _layer("nn.Linear", "8192x768->3072", 0.4, peak_mb=100),
         _layer("triton", "8192x768->3072", 0.5, peak_mb=float("nan")),  # no peak: not measured
         _row("diff_linear", "triton", "full", "8192x3072->768", "bf16-autocast", 9.0, device="cpu (x86_64, 2 cores)"),
@@ -77,6 +79,8 @@ def test_verdicts_from_known_ratios(tmp_path):
     assert v["DiffLinear (triton) / nn.Linear, 8192x3072->768, <= 1.1"].met is None  # only a CPU row
     assert v["fixed-mask / nn.Linear, 8192x4096->4096, <= 0.8"].met is True
     assert v["fixed-mask / nn.Linear, 8192x4096->11008, <= 0.8"].met is None
+    assert v["fixed-mask-overlap / nn.Linear, 8192x4096->4096, <= 0.8"].met is False
+    assert "fixed-mask-overlap / nn.Linear, 8192x4096->11008, <= 0.8" not in v  # no rows: not listed
     memory = [x for x in verdicts if x.target.startswith("peak MB")]
     assert {x.target.split(") ")[1].split(",")[0]: x.met for x in memory if x.met is not None} == {big: False}
     assert v["gate forward (triton) 4096x11008, >= 90% of copy bandwidth"].met is True
@@ -90,7 +94,7 @@ def test_verdicts_from_known_ratios(tmp_path):
     assert f"device {GPU}" in text and "commit abc1234" in text and "cpu" not in text.split("\n")[0]
     # The paths table: the fastest path at 8192x4096->11008 and auto's time over it.
     line = next(x for x in text.splitlines() if x.startswith(f"| {big} |"))
-    assert line == f"| {big} | 3.2 | 3.5 | - | - | - | triton-unfused | 0.98 |"
+    assert line == f"| {big} | 3.2 | 3.5 | - | - | 3.1 | triton-unfused-overlap | 1.02 |"
 
 
 def test_cli_prints_the_tables_and_rejects_a_missing_folder(tmp_path, capsys):
