@@ -380,30 +380,36 @@ def _wgrad_stream(device: torch.device) -> torch.cuda.Stream | None:
     choice = os.environ.get(_OVERLAP_ENV, "0").strip() or "0"
     if choice not in ("0", "1"):
         raise ValueError(f"{_OVERLAP_ENV}={choice!r} must be 0 or 1")
-    if choice == "0" or device.type != "cuda":
+    # Not while a CUDA graph is captured: the allocator would hold every block used across the two
+    # streams until the capture ends (and the side stream would be created mid-capture).
+    if choice == "0" or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _wgrad_streams:
-        _wgrad_streams[index] = torch.cuda.Stream(device=index)
+        # High priority: the pass's blocks are dispatched as soon as the GEMM frees an SM, and the
+        # stream comes from a pool other than the low-priority one that NCCL and most code draw from.
+        _wgrad_streams[index] = torch.cuda.Stream(device=index, priority=-1)
     return _wgrad_streams[index]
 
 
 @contextlib.contextmanager
-def _beside(side: torch.cuda.Stream | None, inputs):
-    """Run the block on `side` after the current stream's work so far (side None: just run it);
-    the inputs, allocated on the current stream, are kept alive until side has used them."""
+def _beside(side: torch.cuda.Stream | None):
+    """Run the block on `side` after the current stream's work so far (side None: just run it).
+
+    The block's inputs come from the current stream and need no record_stream: the caller holds
+    them until _join, after which the current stream's later work (a reuse of their memory) is
+    ordered after side's."""
     if side is None:
         yield
         return
     side.wait_stream(torch.cuda.current_stream(side.device))
     with torch.cuda.stream(side):
         yield
-    for t in inputs:
-        t.record_stream(side)
 
 
 def _join(side: torch.cuda.Stream | None, outputs) -> None:
-    """The current stream waits for `side`; the outputs allocated there stay alive for the current stream."""
+    """The current stream waits for `side`; the outputs, allocated on side, are recorded as used by
+    the current stream, so that side cannot reuse their memory while the current stream reads them."""
     if side is None:
         return
     main = torch.cuda.current_stream(side.device)
@@ -431,7 +437,7 @@ def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, lo
             grad[1] = dense.to(weight.dtype)
         if route and not fused_wgrad:
             side = _wgrad_stream(dense.device)
-            with _beside(side, (dense, diff, log_alpha)):
+            with _beside(side):  # dense lives until _join
                 grad[3], grad[4] = backend.gate_backward(dense, diff, log_alpha, *gates, l0_lambda)
     if needs[0]:
         grad[0] = gy @ w_eff if not fused else backend.gated_linear_grad_input(
@@ -648,7 +654,7 @@ def _fixed_mask_backward_impl(grad_y, x, w_eff, index, bias_index, values, needs
     if needs[1]:
         backend = select("sddmm", values.device, values.dtype, primitive="sddmm")
         side = _wgrad_stream(gy.device)
-        with _beside(side, (gy, x, index)):
+        with _beside(side):  # gy, x and index live until _join
             grads[1] = backend.sddmm(gy, x, index, w_eff.shape[1])
     if needs[0]:
         grads[0] = gy @ w_eff

@@ -75,17 +75,21 @@ def _sources() -> list[Path]:
     return [CSRC / s for s in KERNEL_SOURCES] + [EMULATOR / "harness.cpp"]
 
 
+def compile_flags() -> list[str]:
+    """g++ flags of every emulated source: the sanitizers, csrc/ and the CUDA headers, emulator.h first."""
+    return ["-std=c++17", "-O1", "-g", "-pthread", *SANITIZE, "-I", str(CSRC), "-I", str(EMULATOR), "-I",
+            str(cuda_include_dir()), "-include", str(EMULATOR / "emulator.h")]
+
+
 def build(out_dir: Path) -> Path:
     """Compile the kernels and the harness (in parallel, one g++ per file); returns the executable."""
-    inc = cuda_include_dir()
     digest = hashlib.sha256()
     for path in [*_sources(), EMULATOR / "emulator.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh"))]:
         digest.update(path.read_bytes())
     exe = out_dir / f"harness-{digest.hexdigest()[:16]}"
     if exe.exists():
         return exe
-    flags = ["-std=c++17", "-O1", "-g", "-pthread", *SANITIZE, "-I", str(CSRC), "-I", str(EMULATOR), "-I", str(inc),
-             "-include", str(EMULATOR / "emulator.h")]
+    flags = compile_flags()
     jobs, objects = [], []
     for src in _sources():
         rewritten = out_dir / f"{src.stem}.emulated.cpp"

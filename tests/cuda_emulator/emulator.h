@@ -4,17 +4,20 @@
 //
 // What it models: a launch runs every thread of the grid with its own threadIdx/blockIdx/blockDim/
 // gridDim; blocks and warps one after another, the lanes of a warp on a pool of 32 OS threads, so
-// that warp shuffles exchange values in lockstep as on the GPU. Launch configurations are checked
-// as the driver does (an invalid one sets cudaErrorInvalidConfiguration, returned by the next
-// cudaGetLastError()). Device memory is host memory: built with -fsanitize=address,undefined,
-// every access outside an allocation and every misaligned vector access is reported, which is what
-// compute-sanitizer's memcheck would say on the GPU.
+// that warp shuffles exchange values in lockstep as on the GPU. Grid and block dimensions are
+// checked against the driver's limits (an invalid launch sets cudaErrorInvalidConfiguration,
+// returned by the next cudaGetLastError()). Device memory is host memory: built with
+// -fsanitize=address,undefined, every access outside an allocation and every misaligned vector
+// access is reported, which is what compute-sanitizer's memcheck would say on the GPU.
 //
-// What it does not model: shared memory and __syncthreads (abort with a message), partial-mask or
-// narrow shuffles (abort), atomics (do not compile), none of which our kernels use; scheduling (a
-// race between threads stays invisible); the GPU's math library (expf, logf: the host's libm is
-// used, so gates may differ from the GPU's in the last bits; the tests compare with the float64
-// reference).
+// What it does not model: shared memory (__shared__ does not compile, dynamic shared memory and
+// __syncthreads abort), partial-mask or narrow shuffles (abort), atomics (do not compile), none of
+// which our kernels use; __launch_bounds__ and register limits; scheduling (warps run one after
+// another, so a race between threads of different warps or blocks stays invisible); the GPU's
+// arithmetic: its math library (expf, logf here are the host's libm) and nvcc's contraction of
+// a * b + c into one fma (-fmad=true; g++ here rounds twice), so results may differ from the GPU's
+// in the last bits (the tests compare with the float64 reference by the tolerance rule; explicit
+// fmaf calls are the same on both).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -215,4 +218,6 @@ T shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
 #define gridDim (::cuda_emulator::context.grid_dim)
 #define __shfl_xor_sync ::cuda_emulator::shfl_xor_sync
 #define __syncthreads() ::cuda_emulator::syncthreads_unsupported()
+#undef __shared__
+#define __shared__ _Pragma("GCC error \"__shared__ memory is not emulated\"")
 #define cudaGetLastError ::cuda_emulator::get_last_error

@@ -5,11 +5,14 @@
 //                     scalar NAME VALUE            an integer or float argument
 //                     array NAME BYTES MISALIGN    DIR/NAME.bin, placed MISALIGN bytes past a 64-byte
 //                                                  boundary in an allocation that ends where it ends
+//                                                  (see allocate)
 //                     table NAME ARRAY...          an int64 array of the named arrays' addresses
 //
 // After the launch every array is written back to DIR/NAME.out and the launcher's cudaError_t is
 // printed as `status N`. Arrays are allocated with exactly their size, so under AddressSanitizer a
 // kernel touching one byte outside them aborts the process with a report.
+#include <sanitizer/asan_interface.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -60,12 +63,21 @@ struct Job {
   }
 };
 
+// The array ends where the allocation ends (a read or write past it is reported); the misalign
+// bytes before it are poisoned in whole 8-byte granules (ASan's unit), so a read more than
+// misalign % 8 bytes before the array is reported too.
 Array allocate(size_t bytes, size_t misalign) {
   Array a;
   if (posix_memalign(&a.block, 64, misalign + bytes + (misalign + bytes == 0)) != 0) throw std::bad_alloc();
   a.data = static_cast<char*>(a.block) + misalign;
   a.bytes = bytes;
+  ASAN_POISON_MEMORY_REGION(a.block, misalign / 8 * 8);
   return a;
+}
+
+void release(const Array& a) {
+  ASAN_UNPOISON_MEMORY_REGION(a.block, a.data - static_cast<char*>(a.block));
+  std::free(a.block);
 }
 
 Job read_job(const std::string& dir) {
@@ -112,6 +124,10 @@ dpkernels::GateParams gate_params(const Job& j) {
 __global__ void write_one_past_the_end(float* p, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i <= n) p[i] = 1.0f;  // i == n: one element too far
+}
+
+__global__ void read_before_the_start(float* p, float* out, int back) {
+  out[threadIdx.x] = p[static_cast<int>(threadIdx.x) - back];  // thread 0: 4 * back bytes before the array
 }
 
 __global__ void shuffle_after_lane_zero_left(float* p) {
@@ -166,6 +182,10 @@ cudaError_t run(const Job& j) {
     write_one_past_the_end<<<(n + 1 + 31) / 32, 32>>>(j.ptr<float>("x"), n);
     return cudaGetLastError();
   }
+  if (op == "selftest_read_before_start") {
+    read_before_the_start<<<1, 8>>>(j.ptr<float>("x"), j.ptr<float>("out"), int(j.i64("back")));
+    return cudaGetLastError();
+  }
   if (op == "selftest_divergent_shuffle") {
     shuffle_after_lane_zero_left<<<1, 32>>>(j.ptr<float>("x"));
     return cudaGetLastError();
@@ -198,7 +218,7 @@ int main(int argc, char** argv) {
       out.write(a.data, static_cast<std::streamsize>(a.bytes));
     }
     std::printf("status %d\n", static_cast<int>(status));
-    for (const auto& name : job.order) std::free(job.arrays.at(name).block);
+    for (const auto& name : job.order) release(job.arrays.at(name));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "harness: %s\n", e.what());
     return 2;
