@@ -150,3 +150,21 @@ def test_a_training_loops_mixed_modes_stay_compiled(fuse_everything):
     for name, fn in torch_fused.MODES.items():
         entries = len(_debug_get_cache_entry_list(fn.__code__))
         assert 0 < entries < limit, f"{name}: {entries} compiled graphs (dynamo keeps {limit})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_sddmm_takes_one_gemm_from_the_density_threshold_on(dtype):
+    gen = torch.Generator().manual_seed(9)
+    m, n, k = 70, 40, 32
+    gy, x = torch.randn(m, n, generator=gen).to(dtype), torch.randn(m, k, generator=gen).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dense = (gy.to(acc).t() @ x.to(acc)).reshape(-1)
+    threshold = int(torch_fused.SDDMM_DENSE_MIN_DENSITY * n * k)  # 5 entries of 1280
+    for nnz, expected in ((threshold - 1, ref.sddmm), (threshold + 1, None), (n * k // 5, None)):
+        index = torch.randperm(n * k, generator=gen)[:nnz].sort().values
+        out = torch_fused.sddmm(gy, x, index, k)
+        want = expected(gy, x, index, k) if expected else dense[index]
+        assert out.dtype == acc and torch.equal(out, want)  # the reference's gathers, or the one GEMM
+        oracle = ref.sddmm(gy.double(), x.double(), index, k)
+        scale = (gy.double().abs().t() @ x.double().abs()).max().item()
+        assert_close_by_rule(out, ref.sddmm(gy, x, index, k), oracle, 4 * torch.finfo(acc).eps * scale, "sddmm")

@@ -4,7 +4,8 @@ Every backend module offers the same primitives (``gate_forward``, ``gate_backwa
 written ``sddmm``, ``scatter_apply``, ``scatter_restore``; the signatures of ``dpkernels.reference``):
 
     torch   dpkernels.reference   any device, any float dtype (the oracle and CPU fallback); large
-                                  CPU tensors' gate passes fused by torch.compile (torch_fused.py)
+                                  CPU tensors' gate passes fused by torch.compile, dense-enough CPU
+                                  masks' sddmm by one GEMM (torch_fused.py)
     triton  backends/triton       CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp32 gates
     cuda    backends/cuda         the compiled extension dpkernels._C; CUDA tensors, fp32 gates
 
