@@ -75,6 +75,17 @@ def device_backend(request, monkeypatch):
     return device, backend
 
 
+# Same-size integer dtypes, to compare tensors bit for bit (-0.0 != 0.0, NaN payloads count).
+BIT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64, torch.int32: torch.int32, torch.int64: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b have the same dtype, shape and bits."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(BIT_VIEW[a.dtype]), b.reshape(-1).view(BIT_VIEW[b.dtype])))
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -17,10 +17,10 @@ import types
 
 import pytest
 import torch
-from conftest import CUDA_EXT_MISSING, HAS_CUDA, assert_close_by_rule
+from conftest import CUDA_EXT_MISSING, HAS_CUDA, assert_close_by_rule, same_bits
 from test_gates import GATE_ATOL, GATE_CONFIGS, U_ZERO_OFFSETS, U_ZERO_SEED, _log_alpha, _near_boundary, _sbar64
 from test_philox import _KAT, _offsets, _seeds, _triton_rand
-from test_scatter import _INT, _layout
+from test_scatter import _layout
 
 import dpkernels
 from dpkernels import backends, sparse
@@ -125,7 +125,7 @@ def test_host_scatter_merge_rounds_as_the_reference_bit_for_bit(ext, dtype):
     expected = (old.to(acc) + values.to(acc)).to(dtype)
     merged = ext.scatter_merge_cpu(old, values)
     assert merged.dtype == dtype
-    assert torch.equal(merged.view(_INT[dtype]), expected.view(_INT[dtype]))
+    assert same_bits(merged, expected)
     assert int((merged != old).sum()) > 100 and int((merged == old).sum()) > 0  # both outcomes happen
 
 
@@ -479,10 +479,6 @@ def _gpu_layout(dtype, index_dtype, seed=0, sizes=_SCATTER_SIZES):
     return targets, table, ids + 1, index, values, [0, *starts]
 
 
-def _assert_bits(a, b, dtype):
-    assert torch.equal(a.view(_INT[dtype]), b.view(_INT[dtype]))
-
-
 class TestOnGPUSparse:  # "TestOnGPU" in the name: gpu_check.sh runs it under compute-sanitizer too
     pytestmark = needs_gpu
 
@@ -496,13 +492,13 @@ class TestOnGPUSparse:  # "TestOnGPU" in the name: gpu_check.sh runs it under co
         ref.scatter_apply(expected, None, ids, index, values, starts, expected_saved)
         saved = torch.full((ids.numel(),), float("nan"), dtype=dtype, device="cuda")  # poisoned: must be written
         assert cuda_backend.scatter_apply(targets, table, ids, index, values, starts, saved) is saved
-        _assert_bits(saved, expected_saved, dtype)
+        assert same_bits(saved, expected_saved)
         for t, e in zip(targets, expected, strict=True):
-            _assert_bits(t, e, dtype)
+            assert same_bits(t, e)
         assert sum(int((t != o).sum()) for t, o in zip(targets, originals, strict=True)) > 0
         cuda_backend.scatter_restore(targets, table, ids, index, starts, saved)
         for t, o in zip(targets, originals, strict=True):
-            _assert_bits(t, o, dtype)
+            assert same_bits(t, o)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
     def test_scatter_vector_and_scalar_paths_agree(self, dtype):
@@ -522,11 +518,11 @@ class TestOnGPUSparse:  # "TestOnGPU" in the name: gpu_check.sh runs it under co
             results.append((work, saved.clone()))
             cuda_backend.scatter_restore(work, tab, i, x, starts, saved)
             for t, o in zip(work, targets, strict=True):
-                _assert_bits(t, o, dtype)
+                assert same_bits(t, o)
         (a, sa), (b, sb) = results
-        _assert_bits(sa, sb, dtype)
+        assert same_bits(sa, sb)
         for x, y in zip(a, b, strict=True):
-            _assert_bits(x, y, dtype)
+            assert same_bits(x, y)
 
     def test_scatter_covers_more_entries_than_one_grid_pass(self):
         sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -541,10 +537,10 @@ class TestOnGPUSparse:  # "TestOnGPU" in the name: gpu_check.sh runs it under co
         expected = base.clone()
         ref.scatter_apply([expected], None, ids, index, values, [0, n], torch.empty_like(saved))
         cuda_backend.scatter_apply([base], table, ids, index, values, [0, n], saved)
-        _assert_bits(base, expected, torch.bfloat16)
-        _assert_bits(saved, original[index], torch.bfloat16)
+        assert same_bits(base, expected)
+        assert same_bits(saved, original[index])
         cuda_backend.scatter_restore([base], table, ids, index, [0, n], saved)
-        _assert_bits(base, original, torch.bfloat16)
+        assert same_bits(base, original)
 
     def test_scatter_skips_ids_outside_the_table_and_bad_input_raises(self, ext):
         targets, table, ids, index, values, starts = _gpu_layout(torch.float32, torch.int64, seed=2)
@@ -556,7 +552,7 @@ class TestOnGPUSparse:  # "TestOnGPU" in the name: gpu_check.sh runs it under co
         ext.scatter_restore(targets, table, bad_ids, index, starts, saved)
         torch.cuda.synchronize()
         for t, o in zip(targets, before, strict=True):
-            _assert_bits(t, o, torch.float32)
+            assert same_bits(t, o)
         args = dict(targets=targets, table=table, ids=ids, index=index, values=values, starts=starts, saved=saved)
         for over, error, match in [
             (dict(ids=ids.cpu()), ValueError, "ids must be a CUDA tensor"),

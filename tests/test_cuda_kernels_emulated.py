@@ -19,10 +19,10 @@ import subprocess
 import _cuda_emulator as emu
 import pytest
 import torch
-from conftest import assert_close_by_rule
+from conftest import assert_close_by_rule, same_bits
 from test_gates import GATE_ATOL, GATE_CONFIGS, U_ZERO_OFFSETS, _log_alpha, _near_boundary, _sbar64
 from test_philox import _offsets
-from test_scatter import _INT, _layout
+from test_scatter import _layout
 
 from dpkernels import reference as ref
 
@@ -174,7 +174,7 @@ def test_effective_weight_kernel_rounds_once_to_the_output_dtype(harness, base_d
     out = gate_forward(harness, la, *args, theta0=theta0, diff=w, out_dtype=out_dtype)
     scalar = gate_forward(harness, la, *args, theta0=theta0, diff=w, out_dtype=out_dtype, misaligned=True,
                           max_blocks=1)
-    assert out.dtype == out_dtype and torch.equal(out.view(_INT[out_dtype]), scalar.view(_INT[out_dtype]))
+    assert out.dtype == out_dtype and same_bits(out, scalar)
     oracle = ref.gate_forward(la.double(), *args, theta0=theta0.double(), diff=w.double(), out_dtype=torch.float64)
     same_dtype = ref.gate_forward(la, *args, theta0=theta0, diff=w, out_dtype=out_dtype)
     atol = torch.finfo(out_dtype).eps * oracle.abs().max().item()  # one rounding to out_dtype
@@ -224,10 +224,6 @@ def scatter(h, op, targets, ids, index, saved, values=None, *, misaligned=False,
     return [out[f"t{i}"] for i in range(len(targets))], out["saved"]
 
 
-def _bits_equal(a, b):
-    return torch.equal(a.view(_INT[a.dtype]), b.view(_INT[b.dtype]))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("misaligned", [False, True], ids=["vector", "scalar"])
@@ -243,11 +239,11 @@ def test_scatter_kernels_merge_as_the_reference_and_restore_bit_for_bit(harness,
     poisoned = torch.full((ids.numel(),), float("nan"), dtype=dtype)
     merged, saved = scatter(harness, "scatter_apply", targets, ids, index, poisoned, values, misaligned=misaligned,
                             max_blocks=1 if misaligned else 3)
-    assert _bits_equal(saved, expected_saved)
-    assert all(_bits_equal(m, e) for m, e in zip(merged, expected, strict=True))
-    assert any(not _bits_equal(m, t) for m, t in zip(merged, targets, strict=True))
+    assert same_bits(saved, expected_saved)
+    assert all(same_bits(m, e) for m, e in zip(merged, expected, strict=True))
+    assert any(not same_bits(m, t) for m, t in zip(merged, targets, strict=True))
     restored, _ = scatter(harness, "scatter_restore", merged, ids, index, saved, misaligned=misaligned)
-    assert all(_bits_equal(r, t) for r, t in zip(restored, targets, strict=True))
+    assert all(same_bits(r, t) for r, t in zip(restored, targets, strict=True))
 
 
 def test_scatter_kernels_skip_ids_outside_the_table(harness):
@@ -260,16 +256,16 @@ def test_scatter_kernels_skip_ids_outside_the_table(harness):
     good = (bad >= 0) & (bad < len(targets))
     assert (saved[~good] == 0).all()  # a skipped entry's slot gets 0 (its pack of saved is written whole)
     starts = torch.tensor([0, *torch.tensor([t.numel() for t in targets]).cumsum(0)[:-1].tolist()])
-    assert _bits_equal(saved[good], torch.cat(targets)[starts[bad[good].long()] + index[good]])  # the originals
+    assert same_bits(saved[good], torch.cat(targets)[starts[bad[good].long()] + index[good]])  # the originals
     expected = [t.clone() for t in targets]
     for j in good.nonzero().view(-1).tolist():
         expected[bad[j]][index[j]] += values[j]
-    assert all(_bits_equal(m, e) for m, e in zip(merged, expected, strict=True))
+    assert all(same_bits(m, e) for m, e in zip(merged, expected, strict=True))
     # A table shorter than the ids: the ids past it are outside too.
     merged, _ = scatter(harness, "scatter_apply", targets, ids, index, torch.zeros(ids.numel()), values,
                         num_tables=1)
-    assert not _bits_equal(merged[0], targets[0])
-    assert _bits_equal(merged[1], targets[1]) and _bits_equal(merged[2], targets[2])
+    assert not same_bits(merged[0], targets[0])
+    assert same_bits(merged[1], targets[1]) and same_bits(merged[2], targets[2])
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +314,7 @@ def test_one_misaligned_array_takes_the_scalar_path_with_the_same_results(harnes
     make, _ = MISALIGN_CASES[case]
     vector, scalar = make(False)(harness), make(array)(harness)
     for a, b in zip(vector, scalar, strict=True):
-        assert _bits_equal(a, b)
+        assert same_bits(a, b)
 
 
 # --------------------------------------------------------------------------------------------

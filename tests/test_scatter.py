@@ -10,11 +10,8 @@ import torch
 import dpkernels
 from dpkernels import SparseDiff, TaskSwitcher, backends, sparse
 from dpkernels import reference as ref
-from tests.conftest import TRITON_DEVICES
+from tests.conftest import TRITON_DEVICES, same_bits
 from tests.test_sparse import Net, assert_same_bits, bits, contract_merge, random_diff
-
-_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-        torch.float64: torch.int64}
 
 
 def _layout(sizes, density, dtype, device, gen, index_dtype=torch.int32):
@@ -48,14 +45,14 @@ def test_triton_scatter_matches_the_reference_bitwise(device, dtype, index_dtype
     ref.scatter_apply(ref_targets, None, ids, index, values, starts, ref_saved)
     saved = torch.full((ids.numel(),), float("nan"), dtype=dtype, device=device)  # poisoned: must be written
     tri.scatter_apply(targets, table, ids, index, values, starts, saved)
-    assert torch.equal(saved.view(_INT[dtype]), ref_saved.view(_INT[dtype]))
+    assert same_bits(saved, ref_saved)
     for t, r in zip(targets, ref_targets, strict=True):
-        assert torch.equal(t.view(_INT[dtype]), r.view(_INT[dtype]))
+        assert same_bits(t, r)
     changed = sum(int((t != o).sum()) for t, o in zip(targets, originals, strict=True))
     assert changed > 0  # not vacuous (deltas below half an ulp of the base round away, by design of the data)
     tri.scatter_restore(targets, table, ids, index, starts, saved)
     for t, o in zip(targets, originals, strict=True):
-        assert torch.equal(t.view(_INT[dtype]), o.view(_INT[dtype]))
+        assert same_bits(t, o)
 
 
 def test_reference_scatter_is_the_rounded_fp32_sum():

@@ -13,10 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import dpkernels
 from dpkernels import SparseDiff, TaskSwitcher, sparse
 from dpkernels.nn import iter_gated
-from tests.conftest import assert_close_by_rule
-
-_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-             torch.float64: torch.int64}
+from tests.conftest import BIT_VIEW, assert_close_by_rule
 
 
 class Net(nn.Module):
@@ -38,7 +35,7 @@ class Net(nn.Module):
 
 def bits(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's bit pattern (so -0.0 != 0.0 and NaN payloads count), on the CPU."""
-    return {n: p.detach().cpu().view(_INT_VIEW[p.dtype]).clone() for n, p in model.named_parameters()}
+    return {n: p.detach().cpu().view(BIT_VIEW[p.dtype]).clone() for n, p in model.named_parameters()}
 
 
 def assert_same_bits(a: dict, b: dict) -> None:
@@ -80,7 +77,7 @@ def contract_merge(model, diff) -> dict[str, torch.Tensor]:
             out[name] = flat.view(p.shape)
         else:
             out[name] = base.clone()
-    return {n: t.view(_INT_VIEW[t.dtype]) for n, t in out.items()}
+    return {n: t.view(BIT_VIEW[t.dtype]) for n, t in out.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ import math
 
 import pytest
 import torch
-from conftest import TRITON_DEVICES
+from conftest import BIT_VIEW, TRITON_DEVICES, same_bits
+
+from dpkernels.backends import load
 
 pytestmark = pytest.mark.parametrize("device", TRITON_DEVICES)
 
 L, R, BETA = -1.5, 1.5, 1.0
-_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-        torch.float64: torch.int64, torch.int32: torch.int32, torch.int64: torch.int64}
 
 
 class Guards:
@@ -48,7 +48,7 @@ class Guards:
 
     def check(self):
         for buf, guard, numel, before in self.zones:
-            bits, was = buf.view(_INT[buf.dtype]), before.view(_INT[buf.dtype])
+            bits, was = buf.view(BIT_VIEW[buf.dtype]), before.view(BIT_VIEW[buf.dtype])
             assert torch.equal(bits[:guard], was[:guard]), "a write before the tensor"
             assert torch.equal(bits[guard + numel:], was[guard + numel:]), "a write past the tensor"
 
@@ -86,10 +86,6 @@ def guarded_outputs(guards):
             module.torch = torch
 
 
-def _same_bits(a, b):
-    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(_INT[a.dtype]), b.reshape(-1).view(_INT[b.dtype]))
-
-
 def _run_guarded(launch, inputs: dict, device):
     """launch(**inputs) plain, then with every float input and output between guard zones:
     the same results bit for bit, finite, and every guard zone intact."""
@@ -103,14 +99,8 @@ def _run_guarded(launch, inputs: dict, device):
     guards.check()
     as_tuple = lambda out: (out,) if isinstance(out, torch.Tensor) else out  # noqa: E731
     for a, b in zip(as_tuple(plain), as_tuple(got), strict=True):
-        assert _same_bits(a, b)
+        assert same_bits(a, b)
         assert torch.isfinite(b.float()).all()
-
-
-def _kernels():
-    from dpkernels.backends import triton as tk
-
-    return tk
 
 
 def _randn(gen, *shape, scale=1.0):
@@ -120,7 +110,7 @@ def _randn(gen, *shape, scale=1.0):
 @pytest.mark.parametrize("n", [1, 9, 1031])
 @pytest.mark.parametrize("training", [True, False])
 def test_gate_kernels_stay_inside_their_tensors(device, n, training):
-    tk, gen = _kernels(), torch.Generator().manual_seed(n)
+    tk, gen = load("triton"), torch.Generator().manual_seed(n)
     la, w, g = _randn(gen, n, scale=3), _randn(gen, n), _randn(gen, n).bfloat16()
     theta0 = _randn(gen, n).half()
     gates = dict(seed=7, offset=2**32 - 5, training=training, l=L, r=R, beta=BETA)
@@ -136,7 +126,7 @@ def test_gate_kernels_stay_inside_their_tensors(device, n, training):
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 341, 9), (17, 9, 70), (33, 64, 48)])
 def test_fused_linear_kernels_stay_inside_their_tensors(device, m, k, n):
-    tk, gen = _kernels(), torch.Generator().manual_seed(m + k + n)
+    tk, gen = load("triton"), torch.Generator().manual_seed(m + k + n)
     inputs = dict(x=_randn(gen, m, k), gy=_randn(gen, m, n), theta0=_randn(gen, n, k, scale=k**-0.5),
                   diff=_randn(gen, n, k, scale=0.5), la=_randn(gen, n, k, scale=2.0), bias=_randn(gen, n))
     gates = dict(seed=3, offset=0, training=True, l=L, r=R, beta=BETA)
@@ -150,7 +140,7 @@ def test_fused_linear_kernels_stay_inside_their_tensors(device, m, k, n):
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 41, 9), (130, 24, 16)])
 def test_sddmm_kernel_stays_inside_its_tensors(device, m, k, n):
-    tk, gen = _kernels(), torch.Generator().manual_seed(m + k + n)
+    tk, gen = load("triton"), torch.Generator().manual_seed(m + k + n)
     index = torch.randperm(n * k, generator=gen)[: max(1, n * k // 3)].sort().values.to(device)
     _run_guarded(lambda **a: tk.sddmm(a["gy"], a["x"], index, k), dict(gy=_randn(gen, m, n), x=_randn(gen, m, k)),
                  device)
@@ -158,15 +148,15 @@ def test_sddmm_kernel_stays_inside_its_tensors(device, m, k, n):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_scatter_kernels_stay_inside_their_tensors(device, dtype):
-    tk, gen = _kernels(), torch.Generator().manual_seed(4)
+    tk, gen = load("triton"), torch.Generator().manual_seed(4)
     guards = Guards()
     sizes = [1, 9, 341, 1030]
     # Each target between random-bit guards (a stray write of a merged value would change them).
     targets = [guards.place((s,), dtype, device, fill=_randn(gen, s).to(dtype)) for s in sizes]
     for buf, guard, numel, _ in guards.zones:
-        noise = torch.randint(-2**15, 2**15, buf.shape, generator=gen).to(_INT[dtype])
-        buf.view(_INT[dtype])[:guard] = noise[:guard]
-        buf.view(_INT[dtype])[guard + numel:] = noise[guard + numel:]
+        noise = torch.randint(-2**15, 2**15, buf.shape, generator=gen).to(BIT_VIEW[dtype])
+        buf.view(BIT_VIEW[dtype])[:guard] = noise[:guard]
+        buf.view(BIT_VIEW[dtype])[guard + numel:] = noise[guard + numel:]
     guards.zones = [(buf, guard, numel, buf.clone()) for buf, guard, numel, _ in guards.zones]
     originals = [t.clone() for t in targets]
     counts = [max(1, s // 3) for s in sizes]
@@ -179,10 +169,10 @@ def test_scatter_kernels_stay_inside_their_tensors(device, dtype):
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
     tk.scatter_apply(targets, table, ids, index, values, starts, saved)
     guards.check()
-    assert any(not _same_bits(t, o) for t, o in zip(targets, originals, strict=True))
+    assert any(not same_bits(t, o) for t, o in zip(targets, originals, strict=True))
     tk.scatter_restore(targets, table, ids, index, starts, saved)
     guards.check()
-    assert all(_same_bits(t, o) for t, o in zip(targets, originals, strict=True))
+    assert all(same_bits(t, o) for t, o in zip(targets, originals, strict=True))
 
 
 def test_the_guards_catch_a_write_past_a_tensor(device):

@@ -12,6 +12,7 @@ import contextlib
 import pytest
 import torch
 from conftest import CUDA_EXT_MISSING, HAS_CUDA
+from test_fused_diff_linear import _layer_args
 
 import dpkernels
 from dpkernels import ops
@@ -26,11 +27,9 @@ def _l0_step_grads(device, backend, monkeypatch, overlap, m=6, k=9, n=7, steps=1
     monkeypatch.setenv("DPKERNELS_BACKEND", backend)
     monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "unfused")
     monkeypatch.setenv("DPKERNELS_OVERLAP_WGRAD", overlap)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=gen).to(device).requires_grad_()
-    weight, bias = (torch.randn(n, k, generator=gen) / k**0.5).to(device), torch.randn(n, generator=gen).to(device)
-    trainable = [(torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
-                 for shape, scale in (((n, k), 0.5), ((n, k), 2.0), ((n,), 0.5), ((n,), 2.0))]
+    x, weight, bias, *trainable = _layer_args(device, m=m, k=k, n=n)
+    for t in (x, *trainable):
+        t.requires_grad_()
     diff, log_alpha, bias_diff, bias_log_alpha = trainable
     outs = []
     for step in range(steps):
