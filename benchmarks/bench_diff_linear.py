@@ -49,12 +49,12 @@ def _providers(k: int, n: int, device: str):
         layer.log_alpha.normal_(0, 2)
     gated = [layer.diff, layer.log_alpha, layer.bias_diff, layer.bias_log_alpha]
 
-    def backend(name, path="auto", overlap=False):
+    def step(module, backend, path="auto", overlap=False):
+        """module(x) under the backend, diff-linear path and overlap switch named (read at each call)."""
         def fn(x):
-            os.environ["DPKERNELS_BACKEND"] = name
-            os.environ["DPKERNELS_DIFF_LINEAR"] = path
-            os.environ["DPKERNELS_OVERLAP_WGRAD"] = "1" if overlap else "0"
-            return layer(x), None
+            os.environ.update(DPKERNELS_BACKEND=backend, DPKERNELS_DIFF_LINEAR=path,
+                              DPKERNELS_OVERLAP_WGRAD="1" if overlap else "0")
+            return module(x), None
         return fn
 
     def reference_step(x, seed=1234):
@@ -72,23 +72,16 @@ def _providers(k: int, n: int, device: str):
     dpkernels.project(fixed, 0.005)
     fixed_backend = "triton" if device == "cuda" else "torch"
 
-    def fixed_mask(overlap=False):
-        def fn(x):
-            os.environ["DPKERNELS_BACKEND"] = fixed_backend
-            os.environ["DPKERNELS_OVERLAP_WGRAD"] = "1" if overlap else "0"
-            return fixed(x), None
-        return fn
-
     return {
         "nn.Linear": (lambda x: (linear(x), None), list(linear.parameters())),
-        "torch": (backend("torch"), gated),
+        "torch": (step(layer, "torch"), gated),
         "torch.compile": (compiled, gated),
-        "triton": (backend("triton"), gated),
-        **{f"triton-{path}": (backend("triton", path), gated) for path in ops._PATHS},
-        "triton-unfused-overlap": (backend("triton", "unfused", overlap=True), gated),
-        "cuda": (backend("cuda"), gated),
-        "fixed-mask": (fixed_mask(), [fixed.diff_values, fixed.bias_diff_values]),
-        "fixed-mask-overlap": (fixed_mask(overlap=True), [fixed.diff_values, fixed.bias_diff_values]),
+        "triton": (step(layer, "triton"), gated),
+        **{f"triton-{path}": (step(layer, "triton", path), gated) for path in ops._PATHS},
+        "triton-unfused-overlap": (step(layer, "triton", "unfused", overlap=True), gated),
+        "cuda": (step(layer, "cuda"), gated),
+        "fixed-mask": (step(fixed, fixed_backend), [fixed.diff_values, fixed.bias_diff_values]),
+        "fixed-mask-overlap": (step(fixed, fixed_backend, overlap=True), [fixed.diff_values, fixed.bias_diff_values]),
     }
 
 

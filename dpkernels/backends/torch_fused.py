@@ -168,4 +168,3 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_feature
         return reference.sddmm(grad_y, x, index, in_features)
     acc = torch.float64 if torch.float64 in (grad_y.dtype, x.dtype) else torch.float32
     return (grad_y.to(acc).t() @ x.to(acc)).view(-1)[index]
-
