@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import HAS_CUDA
+from torch._subclasses import fake_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dpkernels import TaskSwitcher
@@ -26,6 +27,10 @@ def test_a_launch_for_another_gpu_makes_that_gpu_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", fake_device)
+    # As on a one-GPU machine: there FakeTensorMode's init_gpu_context (torch 2.11) allocates on the
+    # fake tensor's real GPU, and cuda:1 raises "invalid device ordinal". No GPU is touched here.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
     launcher = on_tensor_device(lambda *args, **kwargs: calls.append(len(entered)) or "launched")
     with FakeTensorMode():  # CUDA tensors' metadata, no GPU needed
         on1, on0 = torch.empty(4, device="cuda:1"), torch.empty(4, device="cuda:0")
