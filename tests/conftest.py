@@ -5,6 +5,7 @@ kernels lazily, so setting it here (before any test module imports them) is enou
 the real kernels run and the cuda-marked tests are collected too.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -65,6 +66,22 @@ def _default_backend_env(monkeypatch):
     order), and no finite-check override."""
     for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_WGRAD", "DPKERNELS_CHECK_FINITE"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_races_between_programs():
+    """Every interpreted Triton launch of every test: no two programs store one byte, none loads a
+    byte another stores (the interpreter runs programs one by one, so a race would not show in the
+    results; tests/_triton_races.py)."""
+    if not INTERPRETED or importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from _triton_races import ProgramAccesses
+
+    accesses = ProgramAccesses()
+    with accesses.recording():
+        yield
+    accesses.check()
 
 
 @pytest.fixture(params=BACKEND_CASES)

@@ -1,4 +1,5 @@
-"""The Triton kernels write nothing outside their tensors (CPU under the interpreter, and on a GPU).
+"""The Triton kernels write nothing outside their tensors (CPU under the interpreter, and on a GPU),
+and no two programs of a launch race (under the interpreter).
 
 Every launch runs with its float inputs and its outputs in the middle of larger buffers: the
 launchers' own output allocations (torch.empty / torch.empty_like in the launcher modules) are
@@ -8,6 +9,11 @@ outside a tensor. A read outside an input that reaches a result brings a NaN int
 results must be finite and equal, bit for bit, to those of an unguarded run; a stray read whose
 value is never stored (a masked-off lane's load) stays invisible here, as it is harmless to the
 results (on a GPU, compute-sanitizer's memcheck would still report it).
+
+The interpreter runs a launch's programs one by one, which hides races between them: conftest.py
+checks every interpreted launch of the suite for them (tests/_triton_races.py: no byte stored by
+two programs, or loaded by one and stored by another). Here each kernel also shows that the check
+saw several of its programs, and a planted race of each kind is caught.
 """
 
 import contextlib
@@ -16,7 +22,8 @@ import math
 
 import pytest
 import torch
-from conftest import BIT_VIEW, TRITON_DEVICES, same_bits
+from _triton_races import ProgramAccesses
+from conftest import BIT_VIEW, INTERPRETED, TRITON_DEVICES, same_bits
 
 from dpkernels.backends import load
 
@@ -86,21 +93,32 @@ def guarded_outputs(guards):
             module.torch = torch
 
 
-def _run_guarded(launch, inputs: dict, device):
+def _no_races():
+    """(accesses, recording): `with recording():` records the block's Triton launches, for
+    accesses.check() (interpreter only: on a GPU it records nothing)."""
+    accesses = ProgramAccesses()
+    return accesses, accesses.recording if INTERPRETED else contextlib.nullcontext
+
+
+def _run_guarded(launch, inputs: dict, device) -> ProgramAccesses:
     """launch(**inputs) plain, then with every float input and output between guard zones:
-    the same results bit for bit, finite, and every guard zone intact."""
+    the same results bit for bit, finite, every guard zone intact and, interpreted, no races
+    between programs. Returns the recorded accesses."""
     inputs = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
     plain = launch(**{name: t.clone() if isinstance(t, torch.Tensor) else t for name, t in inputs.items()})
     guards = Guards()
     placed = {name: guards.place(t.shape, t.dtype, device, fill=t)
               if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t for name, t in inputs.items()}
-    with guarded_outputs(guards):
+    accesses, recording = _no_races()
+    with guarded_outputs(guards), recording():
         got = launch(**placed)
     guards.check()
+    accesses.check()
     as_tuple = lambda out: (out,) if isinstance(out, torch.Tensor) else out  # noqa: E731
     for a, b in zip(as_tuple(plain), as_tuple(got), strict=True):
         assert same_bits(a, b)
         assert torch.isfinite(b.float()).all()
+    return accesses
 
 
 def _randn(gen, *shape, scale=1.0):
@@ -114,14 +132,19 @@ def test_gate_kernels_stay_inside_their_tensors(device, n, training):
     la, w, g = _randn(gen, n, scale=3), _randn(gen, n), _randn(gen, n).bfloat16()
     theta0 = _randn(gen, n).half()
     gates = dict(seed=7, offset=2**32 - 5, training=training, l=L, r=R, beta=BETA)
-    _run_guarded(lambda **a: tk.gate_forward(a["la"], **gates), dict(la=la), device)
-    _run_guarded(lambda **a: tk.gate_forward(a["la"], **gates, theta0=a["theta0"], diff=a["w"],
-                                             out_dtype=torch.bfloat16), dict(la=la, theta0=theta0, w=w), device)
-    _run_guarded(lambda **a: tk.gate_backward(a["g"], a["w"], a["la"], **gates, l0_lambda=0.1),
-                 dict(g=g, w=w, la=la), device)
-    _run_guarded(lambda **a: tk.gate_backward(a["g"], a["w"], a["la"], **gates, l0_lambda=0.1,
-                                              grad_diff=a["gd"], grad_log_alpha=a["gla"]),
-                 dict(g=g, w=w, la=la, gd=_randn(gen, n), gla=_randn(gen, n)), device)
+    runs = [
+        _run_guarded(lambda **a: tk.gate_forward(a["la"], **gates), dict(la=la), device),
+        _run_guarded(lambda **a: tk.gate_forward(a["la"], **gates, theta0=a["theta0"], diff=a["w"],
+                                                 out_dtype=torch.bfloat16), dict(la=la, theta0=theta0, w=w), device),
+        _run_guarded(lambda **a: tk.gate_backward(a["g"], a["w"], a["la"], **gates, l0_lambda=0.1),
+                     dict(g=g, w=w, la=la), device),
+        _run_guarded(lambda **a: tk.gate_backward(a["g"], a["w"], a["la"], **gates, l0_lambda=0.1,
+                                                  grad_diff=a["gd"], grad_log_alpha=a["gla"]),
+                     dict(g=g, w=w, la=la, gd=_randn(gen, n), gla=_randn(gen, n)), device),
+    ]
+    if INTERPRETED and n > 1024:  # two blocks of 1024: the race check compared two programs
+        kernels = ["_gate_forward_kernel"] * 2 + ["_gate_backward_kernel"] * 2
+        assert all(acc.programs(name) == 2 for acc, name in zip(runs, kernels, strict=True))
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 341, 9), (17, 9, 70), (33, 64, 48)])
@@ -130,27 +153,33 @@ def test_fused_linear_kernels_stay_inside_their_tensors(device, m, k, n):
     inputs = dict(x=_randn(gen, m, k), gy=_randn(gen, m, n), theta0=_randn(gen, n, k, scale=k**-0.5),
                   diff=_randn(gen, n, k, scale=0.5), la=_randn(gen, n, k, scale=2.0), bias=_randn(gen, n))
     gates = dict(seed=3, offset=0, training=True, l=L, r=R, beta=BETA)
-    _run_guarded(lambda **a: tk.gated_linear(a["x"], a["theta0"], a["diff"], a["la"], a["bias"], **gates),
-                 inputs, device)
-    _run_guarded(lambda **a: tk.gated_linear_grad_input(a["gy"], a["theta0"], a["diff"], a["la"], **gates),
-                 inputs, device)
-    _run_guarded(lambda **a: tk.gated_linear_grad_weight(a["gy"], a["x"], a["diff"], a["la"], **gates,
-                                                         l0_lambda=1e-3), inputs, device)
+    runs = [
+        _run_guarded(lambda **a: tk.gated_linear(a["x"], a["theta0"], a["diff"], a["la"], a["bias"], **gates),
+                     inputs, device),
+        _run_guarded(lambda **a: tk.gated_linear_grad_input(a["gy"], a["theta0"], a["diff"], a["la"], **gates),
+                     inputs, device),
+        _run_guarded(lambda **a: tk.gated_linear_grad_weight(a["gy"], a["x"], a["diff"], a["la"], **gates,
+                                                             l0_lambda=1e-3), inputs, device),
+    ]
+    if INTERPRETED and min(m, k, n) > 16:  # several 16x16 tiles each way: programs were compared
+        kernels = ["_gated_matmul_kernel"] * 2 + ["_gated_wgrad_kernel"]
+        assert all(acc.programs(name) > 2 for acc, name in zip(runs, kernels, strict=True))
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 41, 9), (130, 24, 16)])
 def test_sddmm_kernel_stays_inside_its_tensors(device, m, k, n):
     tk, gen = load("triton"), torch.Generator().manual_seed(m + k + n)
     index = torch.randperm(n * k, generator=gen)[: max(1, n * k // 3)].sort().values.to(device)
-    _run_guarded(lambda **a: tk.sddmm(a["gy"], a["x"], index, k), dict(gy=_randn(gen, m, n), x=_randn(gen, m, k)),
-                 device)
+    accesses = _run_guarded(lambda **a: tk.sddmm(a["gy"], a["x"], index, k),
+                            dict(gy=_randn(gen, m, n), x=_randn(gen, m, k)), device)
+    assert not INTERPRETED or n < 9 or accesses.programs("_sddmm_row_kernel") > 2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_scatter_kernels_stay_inside_their_tensors(device, dtype):
     tk, gen = load("triton"), torch.Generator().manual_seed(4)
     guards = Guards()
-    sizes = [1, 9, 341, 1030]
+    sizes = [1, 9, 341, 1030, 3100]  # over 1024 entries: two programs, checked for races between them
     # Each target between random-bit guards (a stray write of a merged value would change them).
     targets = [guards.place((s,), dtype, device, fill=_randn(gen, s).to(dtype)) for s in sizes]
     for buf, guard, numel, _ in guards.zones:
@@ -167,11 +196,17 @@ def test_scatter_kernels_stay_inside_their_tensors(device, dtype):
     saved = guards.place(index.shape, dtype, device)
     table = torch.tensor([t.data_ptr() for t in targets], dtype=torch.int64, device=device)
     starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
-    tk.scatter_apply(targets, table, ids, index, values, starts, saved)
+    accesses, recording = _no_races()
+    with recording():
+        tk.scatter_apply(targets, table, ids, index, values, starts, saved)
     guards.check()
     assert any(not same_bits(t, o) for t, o in zip(targets, originals, strict=True))
-    tk.scatter_restore(targets, table, ids, index, starts, saved)
+    with recording():
+        tk.scatter_restore(targets, table, ids, index, starts, saved)
     guards.check()
+    accesses.check()
+    assert not INTERPRETED or accesses.programs("_scatter_apply_kernel") == accesses.programs(
+        "_scatter_restore_kernel") == 2
     assert all(same_bits(t, o) for t, o in zip(targets, originals, strict=True))
 
 
@@ -183,3 +218,44 @@ def test_the_guards_catch_a_write_past_a_tensor(device):
     with pytest.raises(AssertionError, match="a write past the tensor"):
         guards.check()
     assert t.shape == (10,)
+
+
+def _planted_race_kernels():
+    """Three two-program kernels over x: each program stores into x[0] (a race), stores into its
+    own slot what the other program's slot held (a race), or adds one to its own slot (none)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_first(X):
+        tl.store(X, tl.program_id(0).to(tl.float32))
+
+    @triton.jit
+    def swap_in_place(X):
+        pid = tl.program_id(0)
+        tl.store(X + pid, tl.load(X + 1 - pid))
+
+    @triton.jit
+    def own_slot(X):
+        pid = tl.program_id(0)
+        tl.store(X + pid, tl.load(X + pid) + 1.0)
+
+    return store_first, swap_in_place, own_slot
+
+
+def test_the_race_check_catches_planted_races(device):
+    if not INTERPRETED:
+        pytest.skip("the race check records the interpreter's programs")
+    store_first, swap_in_place, own_slot = _planted_race_kernels()
+    for kernel, message in [(store_first, r"store_first: programs \[0, 1\] all store byte"),
+                            (swap_in_place, r"swap_in_place: program \d loads byte 0x[0-9a-f]+, which program \d")]:
+        accesses = ProgramAccesses()
+        with accesses.recording():
+            kernel[(2,)](torch.zeros(2, device=device))
+        with pytest.raises(AssertionError, match=message):
+            accesses.check()
+    accesses, x = ProgramAccesses(), torch.zeros(2, device=device)
+    with accesses.recording():
+        own_slot[(2,)](x)
+    accesses.check()
+    assert x.tolist() == [1.0, 1.0] and accesses.programs("own_slot") == 2
