@@ -83,13 +83,13 @@ def compile_flags() -> list[str]:
 
 def build(out_dir: Path) -> Path:
     """Compile the kernels and the harness (in parallel, one g++ per file); returns the executable."""
-    digest = hashlib.sha256()
+    flags = compile_flags()
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in [*_sources(), EMULATOR / "emulator.h", *sorted(CSRC.glob("*.h")), *sorted(CSRC.glob("*.cuh"))]:
         digest.update(path.read_bytes())
     exe = out_dir / f"harness-{digest.hexdigest()[:16]}"
     if exe.exists():
         return exe
-    flags = compile_flags()
     jobs, objects = [], []
     for src in _sources():
         rewritten = out_dir / f"{src.stem}.emulated.cpp"

@@ -95,7 +95,7 @@ def test_finetune_then_eval_end_to_end(tiny_model, toy_csv, tmp_path, capsys):
     diff, summary_path = tmp_path / "task.safetensors", tmp_path / "summary.json"
     code, out, err = run_cli(["finetune", *data, "--batch-size", "8", "--sparsity", "10%", "--diff-lr", "0.02",
                               "--fixed-lr", "0.02", "--head-lr", "0.02", "--l0-epochs", "2", "--fixed-epochs", "2",
-                              "--no-progress", "--output", diff, "--json", summary_path], capsys)
+                              "--no-progress", "--device", "cpu", "--output", diff, "--json", summary_path], capsys)
     assert code == 0, err
     summary = json.loads(summary_path.read_text())
     for row in ("test accuracy", "validation accuracy", "nonzeros", "% of parameters", "diff file",
@@ -113,7 +113,8 @@ def test_finetune_then_eval_end_to_end(tiny_model, toy_csv, tmp_path, capsys):
     assert f"dpkernels eval {diff}" in out
     for split, key, given in (("test", "accuracy_test", data), ("validation", "accuracy_validation", [])):
         result_path = tmp_path / f"{split}.json"
-        code, out, err = run_cli(["eval", diff, *given, "--split", split, "--json", result_path], capsys)
+        code, out, err = run_cli(["eval", diff, *given, "--split", split, "--device", "cpu", "--json", result_path],
+                                 capsys)
         assert code == 0, err
         result = json.loads(result_path.read_text())
         assert result["accuracy"] == summary[key] and result["split"] == split
@@ -304,7 +305,7 @@ def test_quality_report_end_to_end(tiny_model, toy_csv, tmp_path, monkeypatch, c
     out_dir = tmp_path / "report"
     assert quality.main(["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60",
                          "--epochs", "2", "--max-length", "16", "--batch-size", "16", "--no-progress",
-                         "--methods", "full,diff0.5,diff5,last_layer", "--out", str(out_dir)]) == 0
+                         "--device", "cpu", "--methods", "full,diff0.5,diff5,last_layer", "--out", str(out_dir)]) == 0
     report = json.loads((out_dir / "quality.json").read_text())
     rows = {r["key"]: r for r in report["rows"]}
     assert list(rows) == ["full", "diff0.5", "diff5", "last_layer"]
@@ -335,7 +336,7 @@ def test_quality_report_averages_seeds(tiny_model, toy_csv, tmp_path):
 
     out_dir = tmp_path / "seeds"
     common = ["--model", str(tiny_model), "--data", str(toy_csv), "--max-examples", "60", "--max-length", "16",
-              "--batch-size", "16", "--no-progress", "--methods", "full,diff0.5"]
+              "--batch-size", "16", "--no-progress", "--device", "cpu", "--methods", "full,diff0.5"]
     assert quality.main([*common, "--epochs", "2", "--seeds", "3,4", "--out", str(out_dir)]) == 0
     report = json.loads((out_dir / "quality.json").read_text())
     assert report["meta"]["seeds"] == [3, 4]

@@ -13,7 +13,9 @@ the reference's tolerance rule, not bit equality, for gates and gradients), race
 (they run one after another here), the device's scheduling and memory model.
 """
 
+import fcntl
 import math
+import os
 import subprocess
 
 import _cuda_emulator as emu
@@ -36,8 +38,15 @@ L, R, BETA = -1.5, 1.5, 1.0
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    work = tmp_path_factory.mktemp("cuda_emulator")
-    return emu.Harness(emu.build(work), work)
+    # One build per pytest run: pytest-xdist workers (GPU run) share their base temp's parent and
+    # take turns, so the first builds (~30 s of g++) and the others find its executable.
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cuda_emulator"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        exe = emu.build(shared)
+    return emu.Harness(exe, tmp_path_factory.mktemp("cuda_emulator_jobs"))
 
 
 def _hex(x: float) -> str:

@@ -276,7 +276,8 @@ def test_last_layer_parameter_names(tiny_model_dir):
 def test_finetune_baselines_train_what_they_say(tiny_model_dir, toy_task, method):
     pretrained = transformers.BertModel.from_pretrained(tiny_model_dir).state_dict()
     result, model = hf.finetune_baseline(toy_task, method=method, model=tiny_model_dir, epochs=2, lr=1e-2,
-                                         batch_size=16, max_length=16, progress=False, return_model=True)
+                                         batch_size=16, max_length=16, progress=False, return_model=True,
+                                         device="cpu")
     changed = {n for n, p in model.bert.state_dict().items() if not torch.equal(p, pretrained[n])}
     assert any(n.startswith("pooler") for n in changed) == (method != "head")
     assert any(n.startswith("encoder.layer.1.") for n in changed) == (method != "head")
@@ -292,7 +293,7 @@ def test_finetune_baselines_train_what_they_say(tiny_model_dir, toy_task, method
 
 
 def test_baseline_wrappers(tiny_model_dir, toy_task):
-    kw = dict(model=tiny_model_dir, epochs=1, max_steps=1, progress=False)
+    kw = dict(model=tiny_model_dir, epochs=1, max_steps=1, progress=False, device="cpu")
     assert hf.full_finetune_baseline(toy_task, **kw)["method"] == "full"
     assert hf.last_layer_baseline(toy_task, **kw)["method"] == "last_layer"
     assert hf.last_layer_baseline(toy_task, last_encoder_layer=False, **kw)["method"] == "head"
