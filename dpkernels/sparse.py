@@ -857,6 +857,10 @@ class TaskSwitcher:
     place: ``switch`` checks the data pointers (a reallocation on the same device and dtype is
     followed; a move to another device or dtype raises), but it cannot see parameters replaced by
     new objects (``load_state_dict(assign=True)``) or values written in place. ``reset()`` first.
+
+    A ``torch.compile``'d model follows the switches with one graph (its parameters are graph
+    inputs, written in place here), but not under inductor's freezing
+    (``torch._inductor.config.freezing``), which bakes the weights in as constants.
     """
 
     def __init__(self, model: nn.Module):

@@ -100,3 +100,30 @@ def test_fixed_mask_custom_op_passes_opcheck(device):
                       (None, None, None)):
         args = (x, layer.weight, bias_args[0], layer.diff_values, layer.diff_index, bias_args[1], bias_args[2])
         torch.library.opcheck(torch.ops.dpkernels.fixed_mask_linear.default, args)
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_a_compiled_model_follows_task_switches_without_recompiling(grad_mode):
+    """TaskSwitcher writes the parameters in place, which the compiled graph reads as inputs: one
+    graph serves every task, the base and the dense heads (serving many tasks from one compile)."""
+    from test_sparse import Net, random_diff
+
+    class Model(Net):
+        def forward(self, x):
+            return self.head(self.one(self.mid(self.norm(self.enc(x)))))
+
+    model, x = Model().eval(), torch.randn(5, 9)
+    diffs = {"a": random_diff(Model(), seed=1), "b": random_diff(Model(), seed=2)}
+    expected = {None: model(x).detach()}
+    for name, diff in diffs.items():
+        merged = diff.apply(Model().eval())
+        expected[name] = merged(x).detach()
+    switcher = dpkernels.TaskSwitcher(model).add("a", diffs["a"]).add("b", diffs["b"])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True)
+    for name in ["a", "b", None, "b", "a", None, "a"]:
+        switcher.switch(name) if name else switcher.reset()
+        with grad_mode():
+            torch.testing.assert_close(compiled(x), expected[name], rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
