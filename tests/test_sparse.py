@@ -503,3 +503,21 @@ def test_parametrized_targets_resolve_by_plain_name():
     assert changed.numel() > 0
     diff.restore(model)
     assert torch.equal(after.view(torch.int32), before.view(torch.int32))
+
+
+def test_every_flipped_byte_is_refused(tmp_path):
+    """A bit flipped anywhere in the header (each byte) or the tensor data (a sample) raises a
+    ValueError: never another exception, never a load."""
+    good = tmp_path / "good.safetensors"
+    random_diff(Net(), seed=3).save(good)
+    data = good.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    rng = torch.Generator().manual_seed(0)
+    sample = (header + torch.randperm(len(data) - header, generator=rng)[:200]).tolist()
+    case = tmp_path / "case.safetensors"
+    for pos, flip in [(p, 0x01) for p in range(header)] + [(p, 0x80) for p in sample]:
+        corrupt = bytearray(data)
+        corrupt[pos] ^= flip
+        case.write_bytes(corrupt)
+        with pytest.raises(ValueError):
+            SparseDiff.load(case)
