@@ -97,6 +97,7 @@ class _GatedModule(nn.Module):
         self.l, self.r, self.beta = float(l), float(r), float(beta)
         self.alpha_init, self.l0_lambda, self.structured = float(alpha_init), float(l0_lambda), bool(structured)
         self._seed: torch.Tensor | None = None
+        ops.preload_backends()  # before any torch.compile trace, which cannot import them
 
     def _make_gates(self, prefix: str, theta0: torch.Tensor | None) -> None:
         """(Re)create diff = 0, log_alpha = alpha_init (and the group gate) for one base tensor."""

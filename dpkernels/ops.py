@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .backends import preload as preload_backends  # noqa: F401  (nn.py builds through ops)
 from .backends import select
 
 _FINITE_ENV = "DPKERNELS_CHECK_FINITE"

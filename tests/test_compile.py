@@ -127,3 +127,17 @@ def test_a_compiled_model_follows_task_switches_without_recompiling(grad_mode):
         with grad_mode():
             torch.testing.assert_close(compiled(x), expected[name], rtol=1e-5, atol=1e-6)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_first_call_compiles_in_a_fresh_process(monkeypatch):
+    """Dynamo cannot trace an import: the gated modules import the backends when built, so the
+    very first call of a model under torch.compile(fullgraph=True) finds them imported."""
+    from dpkernels import backends
+
+    monkeypatch.setattr(backends, "_loaded", {})  # as in a fresh process: nothing imported yet
+    monkeypatch.setattr(backends, "_load_errors", {})
+    layer = dpkernels.DiffLinear.from_linear(torch.nn.Linear(16, 8))
+    assert "torch" in backends._loaded
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))

@@ -64,6 +64,17 @@ def load(name: str):
     return _loaded[name]
 
 
+def preload() -> None:
+    """Import every backend that can load here, once. The gated modules call it when built: the
+    first call of a model under torch.compile would otherwise import its backend inside the trace,
+    which dynamo refuses (a graph break; an error under fullgraph=True)."""
+    for name in BACKENDS:
+        try:
+            load(name)
+        except BackendUnavailable:
+            pass
+
+
 def unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, *,
                        dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
     """Why backend `name` cannot run on tensors of this device and dtype, or None.
