@@ -179,7 +179,8 @@ class DiffLinear(_GatedModule):
     ``l0_lambda > 0`` fuses l0_lambda * dE[L0]/dlog_alpha into every backward (then do not also
     add ``l0_lambda * layer.expected_l0()`` to the loss). After ``dpkernels.project`` the layer
     trains ``diff_values`` at fixed indices (``fixed_mask``), with the weight gradient computed
-    only there.
+    only there. Unlike nn.Linear, no second derivatives: a backward through the backward (e.g. a
+    gradient penalty) raises.
     """
 
     _GATE_NAMES = ("diff", "log_alpha", "group_log_alpha", "bias_diff", "bias_log_alpha", "bias_group_log_alpha")

@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from .backends import preload as preload_backends  # noqa: F401  (nn.py builds through ops)
@@ -209,6 +210,7 @@ class GateApplyFunction(torch.autograd.Function):
         return _gate_apply_impl(theta0, diff, log_alpha, seed, offset, training, l, r, beta, out_dtype)
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no derivative: a double backward must raise
     def backward(ctx, g):
         grads = _gate_apply_backward_impl(g, *ctx.saved_tensors, *ctx.args, ctx.needs_input_grad[:3])
         return (*grads,) + (None,) * 8
@@ -479,6 +481,7 @@ class DiffLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no derivative: a double backward must raise
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
         grads = _diff_linear_backward_impl(ctx.backend, grad_y, *saved, *ctx.args, ctx.needs_input_grad[:7])
@@ -681,6 +684,7 @@ class FixedMaskLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no derivative: a double backward must raise
     def backward(ctx, grad_y):
         needs = ctx.needs_input_grad
         gx, gv, gbv = _fixed_mask_backward_impl(grad_y, *ctx.saved_tensors, (needs[0], needs[3], needs[5]))

@@ -155,3 +155,21 @@ def test_repr_and_bad_configuration():
         DiffLinear.from_linear(nn.Linear(3, 3), alpha=1.0)
     with pytest.raises(ValueError, match="last dimension must be in_features"):
         DiffLinear(5, 3)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("stage", ["l0", "fixed_mask", "gated_parameter"])
+def test_a_second_derivative_raises_instead_of_being_wrong(stage):
+    """The backward kernels have no derivative of their own: a gradient penalty (backward of a
+    backward) must raise, not return a second derivative that silently misses their terms."""
+    torch.manual_seed(0)
+    if stage == "gated_parameter":
+        model, x = dpkernels.diff_prune(nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))), torch.tensor([[1, 2]])
+    else:
+        model, x = DiffLinear.from_linear(nn.Linear(4, 3)), torch.randn(2, 4, requires_grad=True)
+        if stage == "fixed_mask":
+            dpkernels.project(model, 0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    inputs = [x] if x.requires_grad else params
+    grads = torch.autograd.grad(model(x).pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        sum(g.pow(2).sum() for g in grads).backward()
