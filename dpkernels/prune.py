@@ -13,13 +13,14 @@ zero and every layer enters the fixed-mask stage (DiffLinear.to_fixed_mask).
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .nn import DiffLinear, GatedParameter, dense_task_parameters, gate_parameter, iter_gated
+from .nn import DiffLinear, dense_task_parameters, gate_parameter, iter_gated
 
 _INF_BITS = 0x7F800000  # float32 +inf: every finite magnitude's bit pattern is below it
 
@@ -75,8 +76,10 @@ def project(model: nn.Module, sparsity: float, *, scope: str = "global") -> int:
     N counts every entry of every gated tensor. Returns the number of entries kept. Gated modules
     must be in the L0 stage; afterwards build a new optimizer over the trainable ``*_values``.
     """
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 <= sparsity <= 1:
+    # Any real number (numpy scalars too); bools are refused, and NaN fails the range check.
+    if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool) or not 0 <= sparsity <= 1:
         raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    sparsity = float(sparsity)
     if scope not in ("global", "tensor"):
         raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
     gated = list(iter_gated(model))
@@ -114,6 +117,10 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
     all) and neither ``exclude`` (those are frozen and left as they are) nor ``dense`` (new task
     parameters, e.g. the classifier head: they stay trainable and ungated). Gate options as in
     DiffLinear; ``structured`` adds one group gate per tensor (the paper's structured variant).
+
+    A model that already has gated tensors is refused as a whole: gating it again would gate the
+    gates' own tensors. Tied (shared) parameters cannot be gated; every name of one must get the
+    same role, so excluding (or making dense) a tied parameter takes patterns matching all its names.
     """
     gate_kwargs = dict(l=l, r=r, beta=beta, alpha_init=alpha_init, l0_lambda=l0_lambda, structured=structured)
     include, exclude, dense = _patterns(include), _patterns(exclude), _patterns(dense)
@@ -125,17 +132,22 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
             return "frozen"
         return "gated"
 
+    already = next(iter_gated(model), None)
+    if already is not None:
+        raise ValueError(f"the model is already diff-pruned (it has gated tensors, e.g. {already[0]}); "
+                         "call diff_prune once, on the plain model")
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
-    tied = [names for names in owners.values() if len(names) > 1]
-    if tied:
-        raise ValueError(f"tied (shared) parameters are not supported: {tied[0]}; untie them or exclude them")
+    for names in (names for names in owners.values() if len(names) > 1):
+        roles = {n: role(n) for n in names}
+        if "gated" in roles.values() or len(set(roles.values())) > 1:
+            raise ValueError(f"tied (shared) parameter {roles}: these names are one tensor, which cannot be gated "
+                             "and needs one role; untie them, or exclude all of these names (exclude= freezes "
+                             "them, dense= trains them ungated)")
 
     for path, module in list(model.named_modules()):
         prefix = f"{path}." if path else ""
-        if isinstance(module, DiffLinear) or _has_gated_parameter(module):
-            continue  # already diff-pruned
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None]
         roles = {n: role(prefix + n) for n, _ in params}
         if type(module) is nn.Linear and params and all(v == "gated" for v in roles.values()):
@@ -149,11 +161,6 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
             else:
                 p.requires_grad_(True)
     return model
-
-
-def _has_gated_parameter(module: nn.Module) -> bool:
-    return any(isinstance(p, GatedParameter) for plist in getattr(module, "parametrizations", {}).values()
-               for p in plist)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -191,17 +198,22 @@ def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: f
     Defaults follow the reference implementations of the paper's code: a separate optimizer
     state for log_alpha with learning rate 0.1 and w at 1e-3 (the paper's text gives only
     the penalty and the projection; it does not list these), and the gradient norms of w and
-    log_alpha clipped separately (:func:`clip_grad_norms`). Empty groups are left out.
+    log_alpha clipped separately (:func:`clip_grad_norms`). Empty groups are left out. A model
+    without gated tensors is refused: its "dense" group would silently be full finetuning.
     """
+    gated = [gt for _, _, gt in iter_gated(model)]
+    if not gated:
+        raise ValueError("the model has no gated tensors (it would be plain full finetuning): "
+                         "dpkernels.diff_prune it first")
     diff, gates = [], []
-    for _, _, gt in iter_gated(model):
+    for gt in gated:
         diff += [t for t in (gt.diff, gt.values) if t is not None]
         gates += [t for t in (gt.log_alpha, gt.group_log_alpha) if t is not None]
     groups = [
         dict(name="diff", params=diff, lr=diff_lr, weight_decay=weight_decay),
         dict(name="log_alpha", params=gates, lr=log_alpha_lr, weight_decay=0.0),
-        dict(name="dense", params=list(dense_task_parameters(model).values()), lr=dense_lr or diff_lr,
-             weight_decay=weight_decay),
+        dict(name="dense", params=list(dense_task_parameters(model).values()),
+             lr=diff_lr if dense_lr is None else dense_lr, weight_decay=weight_decay),
     ]
     return [g for g in groups if g["params"]]
 

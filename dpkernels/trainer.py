@@ -64,8 +64,8 @@ class DiffPruningTrainer(Trainer):
         if not list(iter_gated(self.model)):
             raise ValueError("the model has no gated tensors; call dpkernels.diff_prune(model) first")
         self.l0_lambda = float(l0_lambda)
-        self.group_lrs = dict(diff_lr=diff_lr or self.args.learning_rate, log_alpha_lr=log_alpha_lr,
-                              dense_lr=dense_lr)
+        self.group_lrs = dict(diff_lr=self.args.learning_rate if diff_lr is None else diff_lr,
+                              log_alpha_lr=log_alpha_lr, dense_lr=dense_lr)
         # Per-group clipping replaces Trainer's global clip (which would mix w and log_alpha).
         self.add_callback(DiffPruningCallback(self.args.max_grad_norm))
         # A shallow copy: dataclasses.replace would rerun __post_init__ and reset accelerate's state,

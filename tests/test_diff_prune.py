@@ -199,3 +199,102 @@ def test_projection_of_a_diff_pruned_model_and_fixed_mask_training():
     model(x, labels=labels).loss.backward()
     for name, _, gt in iter_gated(model):
         assert gt.values.grad is not None and gt.values.grad.shape == gt.index.shape, name
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, {n: p.requires_grad
+                                                                          for n, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, snapshot):
+    values, grads = snapshot
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    for n, p in model.named_parameters():
+        assert torch.equal(p, values[n]), n
+
+
+def test_a_second_diff_prune_is_refused_and_leaves_the_model_as_it_was():
+    """Gating again would gate the gates' own tensors (parametrizations.*.original, diff, log_alpha)."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    dpkernels.diff_prune(model, dense=())
+    _randomise_gates(model)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="already diff-pruned"):
+        dpkernels.diff_prune(model, dense=())
+    _assert_unchanged(model, snapshot)
+    torch.optim.AdamW(dpkernels.optimizer_groups(model))  # every group still holds leaf tensors
+    # A model with any gated module is refused too, even where other parameters are still plain.
+    mixed = nn.Sequential(nn.Embedding(10, 4), dpkernels.DiffLinear(4, 2))
+    snapshot = _snapshot(mixed)
+    with pytest.raises(ValueError, match="already diff-pruned"):
+        dpkernels.diff_prune(mixed)
+    _assert_unchanged(mixed, snapshot)
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_tied_parameters_excluded_under_every_name_train_untouched():
+    """The tie check looks only at what the patterns select: GPT-2's tied wte / lm_head can be excluded."""
+    model = _tiny_gpt2()
+    tied = model.transformer.wte.weight.detach().clone()
+    dpkernels.diff_prune(model, exclude=r"wte|lm_head")
+    assert model.lm_head.weight is model.transformer.wte.weight and not model.lm_head.weight.requires_grad
+    gated = {n for n, _, _ in iter_gated(model)}
+    assert "transformer.wpe.weight" in gated and not any("wte" in n or "lm_head" in n for n in gated)
+    _randomise_gates(model)
+    opt = torch.optim.AdamW(dpkernels.optimizer_groups(model))
+    model.train()
+    x = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    assert torch.equal(model.transformer.wte.weight, tied)
+    assert all(gt.diff.grad is not None for _, _, gt in iter_gated(model))
+    # dense= under every name: trainable and ungated, one tensor.
+    model = dpkernels.diff_prune(_tiny_gpt2(), dense=r"wte|lm_head")
+    assert set(dense_task_parameters(model)) == {"transformer.wte.weight"}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(exclude=r"^transformer\.wte"), dict(dense=r"lm_head"),
+                                     dict(include=r"lm_head"), dict(exclude=r"wte", dense=r"lm_head")])
+def test_a_tied_parameter_selected_under_only_some_names_is_refused(options):
+    """Gating it under one name would leave the other name reading the plain tensor: say which names tie."""
+    model = _tiny_gpt2()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match=r"tied \(shared\).*transformer\.wte\.weight.*lm_head\.weight.*exclude all"):
+        dpkernels.diff_prune(model, **options)
+    _assert_unchanged(model, snapshot)
+    assert not any(True for _ in iter_gated(model))
+
+
+def test_optimizer_groups_refuse_a_model_that_was_never_diff_pruned():
+    """Every parameter would land in the "dense" group: plain full finetuning, silently."""
+    with pytest.raises(ValueError, match="no gated tensors.*diff_prune it first"):
+        dpkernels.optimizer_groups(tiny_bert())
+
+
+def test_a_zero_dense_lr_is_kept():
+    """dense_lr=0.0 freezes the head's updates; it must not fall back to diff_lr."""
+    model = dpkernels.diff_prune(tiny_bert())
+    groups = {g["name"]: g for g in dpkernels.optimizer_groups(model, diff_lr=1e-3, dense_lr=0.0)}
+    assert groups["dense"]["lr"] == 0.0
+    groups = {g["name"]: g for g in dpkernels.optimizer_groups(model, diff_lr=1e-3)}
+    assert groups["dense"]["lr"] == 1e-3
+
+
+def test_projection_takes_any_real_sparsity_and_refuses_the_rest():
+    np = pytest.importorskip("numpy")
+    model = dpkernels.diff_prune(tiny_bert())
+    _randomise_gates(model)
+    total = sum(gt.theta0.numel() for _, _, gt in iter_gated(model))
+    for bad in (True, np.bool_(True), float("nan"), np.float32("nan"), -0.1, 1.5, np.float64(2), "0.5", None):
+        with pytest.raises(ValueError, match="sparsity must be a number"):
+            dpkernels.project(model, bad)
+    assert not any(gt.fixed_mask for _, _, gt in iter_gated(model))
+    assert dpkernels.project(model, np.float32(0.01)) == round(float(np.float32(0.01)) * total)
