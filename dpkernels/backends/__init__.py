@@ -128,12 +128,17 @@ def select(op: str, device: torch.device, dtype: torch.dtype, *, dtypes: tuple[t
 
 
 def info() -> dict:
-    """Available backends (importing them if needed), the requested one, the last used per op."""
+    """Per backend whether it loads ("available", else the "reason") and the devices it runs on
+    here ("runs_on": triton and cuda load without a GPU but run on none), the requested one, and
+    the last backend used per op."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     report = {}
     for name in BACKENDS:
         try:
             load(name)
-            report[name] = {"available": True, "reason": None}
         except BackendUnavailable as exc:
-            report[name] = {"available": False, "reason": str(exc)}
+            report[name] = {"available": False, "reason": str(exc), "runs_on": []}
+            continue
+        runs_on = [d.type for d in devices if unsupported_reason(name, d, torch.float32) is None]
+        report[name] = {"available": True, "reason": None, "runs_on": runs_on}
     return {"requested": requested(), "backends": report, "last_used": dict(_last_used)}
