@@ -45,6 +45,16 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:  # torch.manual_seed's range, kept simple
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
+
+
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -239,7 +249,7 @@ _DATA_OPTIONS = {
                                                    "(default: %(default)s; 'all' for every example)")),
     "max_length": (["--max-length"], dict(type=_int_at_least(2), metavar="TOKENS",
                                           help="truncate texts to this many tokens (default: %(default)s)")),
-    "seed": (["--seed"], dict(type=int, help="fixes the subset, the split, the head's init, the batch order and "
+    "seed": (["--seed"], dict(type=_seed, help="fixes the subset, the split, the head's init, the batch order and "
                                              "the gates (default: %(default)s)")),
     "device": (["--device"], dict(type=_device_name, help="default: cuda when available, else cpu")),
 }
@@ -544,10 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, CUDA device, backends available and chosen").set_defaults(func=_info)
 
     demo = sub.add_parser("demo", help="recover a planted 0.5%% sparse diff with one DiffLinear (CPU, seconds)")
-    demo.add_argument("--features", type=_int_at_least(2), default=256)
-    demo.add_argument("--steps", type=_int_at_least(1), default=300)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", type=_device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--features", type=_int_at_least(2), default=256, metavar="N",
+                      help="the layer is N x N, the planted diff 0.5%% of it (default: %(default)s)")
+    demo.add_argument("--steps", type=_int_at_least(1), default=300, metavar="N",
+                      help="training steps (default: %(default)s)")
+    demo.add_argument("--seed", type=_seed, default=0, help="default: %(default)s")
+    demo.add_argument("--device", type=_device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="default: %(default)s")
     demo.set_defaults(func=_demo)
 
     sub.add_parser("bench", add_help=False,

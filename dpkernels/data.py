@@ -106,7 +106,7 @@ def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, .
         if name in lower:
             return lower[name]
     raise DataError(f"{path}: found no {what} column (tried {', '.join(candidates)}); columns are {columns}; "
-                    f"name it with {what}_column=...")
+                    f"name it with {what}_column=... (--{what}-column on the command line)")
 
 
 def _label_key(name: str):

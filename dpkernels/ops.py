@@ -596,7 +596,7 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
         if bias_log_alpha is not None:
             check_finite("bias_log_alpha", bias_log_alpha)
     lead, k, n = x.shape[:-1], weight.shape[1], weight.shape[0]
-    x2 = x.reshape(-1, k).to(_compute_dtype(x))
+    x2 = x.reshape(lead.numel(), k).to(_compute_dtype(x))  # not -1: k may be 0
     backend = select("diff_linear", diff.device, diff.dtype)
     fused = _fused_diff_linear(backend, x2.shape[0], x2.dtype)
     args = (x2, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed_t, bool(training), float(l), float(r),
@@ -754,7 +754,7 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
         if bias_index is not None:
             check_mask_index("bias_index", bias_index, bias.numel())
     lead, n = x.shape[:-1], weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))
+    x2 = x.reshape(lead.numel(), x.shape[-1]).to(_compute_dtype(x))  # not -1: K may be 0
     args = (x2, weight, bias, values, index, bias_values, bias_index)
     if torch.compiler.is_compiling():
         y = torch.ops.dpkernels.fixed_mask_linear(*args)[0]

@@ -128,7 +128,8 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
                 lambda: cfg.l0_lambda * l0_penalty(model), "L0 training")
     after_l0 = gate_statistics(model)
     kept = project(model, cfg.sparsity)
-    log(f"L0 stage: loss {l0['loss']:.4f}, E[L0] {after_l0['expected_l0']:.0f}, open gates "
+    log(f"L0 stage: loss {l0['loss']:.4f} (cross-entropy + {cfg.l0_lambda:g} x E[L0]), "
+        f"E[L0] {after_l0['expected_l0']:.0f}, open gates "
         f"{100 * after_l0['nonzero_fraction']:.2f}%; projected to {kept} entries ({100 * kept / gated_total:.3f}%)")
     lrs["diff_lr"] = cfg.fixed_lr
     fixed = _stage(model, loader, optimizer_groups(model, **lrs), cfg, device, cfg.fixed_epochs, None,

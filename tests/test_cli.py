@@ -188,6 +188,7 @@ def test_every_finetune_config_field_has_an_option():
     (["finetune", "--diff-lr", "-1"], "--diff-lr: must be in (0, inf)"),
     (["finetune", "--warmup-ratio", "1"], "--warmup-ratio: must be in [0, 1)"),
     (["finetune", "--l0-epochs", "0"], "--l0-epochs: must be >= 1"),
+    (["finetune", "--seed", "99999999999999999999999"], "--seed: must be in [0, 2**63)"),
     (["finetune", "--device", "nonsense"], "not a torch device"),
     (["finetune", "--bogus"], "dpkernels finetune: error: unrecognized arguments: --bogus"),
     (["finetune", "--data", "{tmp}/missing.csv"], "dataset file not found"),

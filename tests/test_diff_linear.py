@@ -179,6 +179,15 @@ def test_nn_linear_behaviour_for_odd_inputs(device_backend):
     assert y0.shape == (0, 7)
     y0.sum().backward()
     assert torch.equal(diff.grad, torch.zeros_like(diff))
+    # no input features, as nn.Linear(0, n): the output is the bias (gated), in both stages
+    layer = dpkernels.DiffLinear(0, 4, device=device)
+    x = torch.randn(2, 3, 0, device=device, requires_grad=True)
+    for stage in ("l0", "fixed_mask"):
+        if stage == "fixed_mask":
+            dpkernels.project(layer, 0.5)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer(x).sum().backward()
+        assert x.grad.shape == x.shape
     # non-contiguous input: the result of its contiguous copy (up to BLAS summation order)
     xt = torch.randn(9, 4, device=device).t()
     assert not xt.is_contiguous()

@@ -77,6 +77,12 @@ def test_small_tensors_and_float64_stay_eager(monkeypatch):
     assert torch_fused.fused_calls == before
 
 
+def test_a_threshold_that_is_no_number_is_named(monkeypatch):
+    monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "4k")
+    with pytest.raises(ValueError, match="DPKERNELS_CPU_FUSE_MIN must be a whole number .* got '4k'"):
+        torch_fused.gate_forward(torch.randn(9), 1, 0, True, -1.5, 1.5, 1.0)
+
+
 def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatch):
     monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "1")
     monkeypatch.setattr(torch_fused, "_disabled_reason", None)

@@ -43,7 +43,11 @@ fused_calls = 0  # how many passes ran fused (tests check that the fused path is
 
 
 def _fuse_min() -> int:
-    return int(os.environ.get(_ENV, _DEFAULT_MIN))
+    raw = os.environ.get(_ENV, str(_DEFAULT_MIN))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{_ENV} must be a whole number of elements (0 turns the fusion off), got {raw!r}") from None
 
 
 def _use_fused(log_alpha: torch.Tensor) -> bool:
