@@ -46,6 +46,7 @@ import json
 import math
 import os
 import secrets
+import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -110,6 +111,18 @@ def _check_gate(gate) -> dict | None:
     return {k: float(gate[k]) for k in ("l", "r", "beta")}
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile's and (Distributed)DataParallel's wrappers, however
+    nested: diffs name parameters as the plain model does (no ``_orig_mod.`` or ``module.``)."""
+    # torch.compile's wrapper class exists only once torch._dynamo is loaded: don't load it here.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    data_parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    wrappers = data_parallel + ((eval_frame.OptimizedModule,) if eval_frame is not None else ())
+    while isinstance(model, wrappers):
+        model = model.module if isinstance(model, data_parallel) else model._orig_mod
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # The diff
 # --------------------------------------------------------------------------------------------
@@ -172,6 +185,8 @@ class SparseDiff:
     indices and values for named parameters of any model); persist with :meth:`save` /
     :meth:`load`; merge into a model with :meth:`apply` / :meth:`restore`, or keep several resident
     with :class:`TaskSwitcher`. Construction validates every field (ValueError naming the problem).
+    A model wrapped by ``torch.compile`` or (Distributed)DataParallel stands for the plain model
+    inside it: names are the plain model's (no ``_orig_mod.`` or ``module.`` prefix).
     """
 
     def __init__(self, tensors: Mapping[str, DiffTensor], dense: Mapping[str, torch.Tensor] | None = None,
@@ -210,7 +225,10 @@ class SparseDiff:
         gated tensor must have (ValueError otherwise). If a diff is applied to the model
         (``apply`` or a TaskSwitcher), the fingerprint and dense parameters are read as they are
         without it. ``info`` (a JSON-serialisable dict) is saved with the diff: how it was made.
+        A model without gated tensors raises ValueError (its "diff" would be a dense copy of
+        every parameter).
         """
+        model = _unwrap(model)
         expected = _check_gate(gate_config)
         deltas, bases, gates = {}, {}, {}
         for name, _, gt in iter_gated(model):
@@ -219,6 +237,8 @@ class SparseDiff:
                 raise ValueError(f"gated tensor {name!r} has gate config {gate}, not the expected {expected}")
             deltas[name] = gt.eval_delta()
             bases[name], gates[name] = gt.theta0, gate
+        if not deltas:
+            raise ValueError("the model has no gated tensors: diff_prune it first")
         dense = dense_task_parameters(model)
         return cls._build(model, bases, deltas, dense, gates, info)
 
@@ -227,6 +247,7 @@ class SparseDiff:
                     dense: Mapping[str, torch.Tensor] | None = None) -> SparseDiff:
         """A diff for named parameters of any model: ``deltas[name] = (flat indices, values)``
         (any order, no duplicates), ``dense[name]`` a whole new value of a parameter."""
+        model = _unwrap(model)
         params = _named_targets(model)
         unknown = [n for n in (*deltas, *(dense or {})) if n not in params]
         if unknown:
@@ -375,7 +396,15 @@ class SparseDiff:
     def check_model(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Raise ValueError unless the diff fits `model`: every name a parameter, shapes equal,
         gated bases contiguous, disjoint and of a supported dtype, and the base fingerprint matching
-        (read as the base is without any diff applied to it). Returns (gated, dense) parameters."""
+        (read as the base is without any diff applied to it), and the model not diff-pruned (a diff
+        written under live gated diffs would add to them: twice the delta if it came from this
+        model). Returns (gated, dense) parameters."""
+        model = _unwrap(model)
+        gated = next(iter_gated(model), None)
+        if gated is not None:
+            raise ValueError(f"the model is diff-pruned (gated tensors such as {gated[0]!r}): apply diffs to the "
+                             "plain base model, not on top of a live diff (a diff applied to the model it came "
+                             "from would count twice)")
         params = _named_targets(model)
         unknown = [n for n in (*self.tensors, *self.dense) if n not in params]
         if unknown:
@@ -434,27 +463,30 @@ class SparseDiff:
         dense parameters copied; the overwritten values are kept for :meth:`restore`. Everything is
         validated first (:meth:`check_model`, and no diff already applied); on error the model is
         untouched. One kernel launch per (device, base dtype) for the gated entries."""
-        record = _APPLIED.get(model)
+        plain = _unwrap(model)
+        record = _APPLIED.get(plain)
         if record is not None:
             who = "this diff" if record.owner is self else f"a {type(record.owner).__name__}"
             raise ValueError(f"the model already has a diff applied (by {who}); restore() it first")
-        gated, dense = self.check_model(model)
+        gated, dense = self.check_model(plain)
         table = _TargetTable()
         resident = _Resident(self, table, gated, dense)
         resident.apply()
-        _APPLIED[model] = _Applied(self, table, resident)
+        _APPLIED[plain] = _Applied(self, table, resident)
         return model
 
     def restore(self, model: nn.Module) -> nn.Module:
-        """Undo :meth:`apply` on `model`: the saved base values written back bit for bit."""
-        record = _APPLIED.get(model)
+        """Undo :meth:`apply` on `model`: the saved base values written back bit for bit. Also on a
+        model diff-pruned since (apply refuses one): that returns its frozen base to the true base."""
+        plain = _unwrap(model)
+        record = _APPLIED.get(plain)
         if record is None or record.owner is not self:
             now = "nothing" if record is None else f"another {type(record.owner).__name__}"
             raise ValueError(f"this diff is not applied to the model ({now} is); a diff restores only what it "
                              "applied itself (dpkernels.sparse.applied(model) returns what is applied)")
         record.table.check()
         record.resident.restore()
-        del _APPLIED[model]
+        del _APPLIED[plain]
         return model
 
 
@@ -641,7 +673,8 @@ def _named_targets(model: nn.Module) -> dict[str, torch.Tensor]:
     out = dict(model.named_parameters(remove_duplicate=False))
     for path, module in model.named_modules():
         for pname, plist in getattr(module, "parametrizations", {}).items():
-            out.setdefault(f"{path}.{pname}" if path else pname, plist.original)
+            if hasattr(plist, "original"):  # weight_norm and the like keep original0, original1, ...
+                out.setdefault(f"{path}.{pname}" if path else pname, plist.original)
     return out
 
 
@@ -810,7 +843,7 @@ _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def applied(model: nn.Module):
     """What is applied to `model` now: the SparseDiff (after its ``apply``) or the TaskSwitcher
     (while a task is active), or None."""
-    record = _APPLIED.get(model)
+    record = _APPLIED.get(_unwrap(model))
     return None if record is None else record.owner
 
 
@@ -822,12 +855,26 @@ def _claim(model: nn.Module, owner) -> None:
                          "TaskSwitcher first")
 
 
+def _held_id(table: _TargetTable, param: torch.Tensor) -> int:
+    """id of the parameter `table` holds for `param`: param itself, or the one over the same memory
+    (diff_prune after an apply wraps each Linear's weight and bias in a new Parameter on its storage)."""
+    if id(param) not in table.slots:
+        same = (param.data_ptr(), param.shape, param.dtype, param.device)
+        for p, held in zip(table.params, table.held, strict=True):
+            if (held.data_ptr(), held.shape, held.dtype, held.device) == same:
+                return id(p)
+    return id(param)
+
+
 def _true_values(record: _Applied | None, param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """param's flat values at `positions` as they are without the applied diff (its saved originals)."""
-    if record is not None and id(param) in record.resident.dense:
-        return record.resident.dense[id(param)][2].reshape(-1)[positions]
     values = param.detach().reshape(-1)[positions]
-    span = record.resident.spans.get(id(param)) if record is not None else None
+    if record is None:
+        return values
+    held = _held_id(record.table, param)
+    if held in record.resident.dense:
+        return record.resident.dense[held][2].reshape(-1)[positions]
+    span = record.resident.spans.get(held)
     if span is not None:
         key, lo, hi = span
         group = record.resident.groups[key]
@@ -856,7 +903,10 @@ class TaskSwitcher:
     originals). While the switcher holds the model, do not move, cast or modify its parameters in
     place: ``switch`` checks the data pointers (a reallocation on the same device and dtype is
     followed; a move to another device or dtype raises), but it cannot see parameters replaced by
-    new objects (``load_state_dict(assign=True)``) or values written in place. ``reset()`` first.
+    new objects (``load_state_dict(assign=True)``), values written in place or a ``diff_prune``
+    (``add`` refuses a diff-pruned model, as :meth:`SparseDiff.apply` does). ``reset()`` first.
+    A wrapped model (``torch.compile``, DistributedDataParallel, DataParallel) switches the plain
+    model inside it, which the wrapper shares.
 
     A ``torch.compile``'d model follows the switches with one graph (its parameters are graph
     inputs, written in place here), but not under inductor's freezing
@@ -866,6 +916,7 @@ class TaskSwitcher:
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"TaskSwitcher takes an nn.Module, got {type(model).__name__}")
+        model = _unwrap(model)  # the switched weights are the plain model's, shared by its wrappers
         # Weak: the record of what is applied (keyed weakly by the model) refers to this switcher,
         # so a strong reference here would keep a discarded model alive.
         self._model = weakref.ref(model)

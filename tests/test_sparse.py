@@ -1,5 +1,6 @@
 """SparseDiff: extraction, the safetensors format and its validation, apply/restore against a model."""
 
+import contextlib
 import copy
 import json
 import os
@@ -145,20 +146,32 @@ def test_from_model_after_projection_and_gate_config_check():
 
 
 def test_from_model_reads_the_base_without_an_applied_diff():
-    model = dpkernels.diff_prune(tiny_bert())
-    _sparse_gates(model)
-    before = SparseDiff.from_model(model)
+    """A diff applied before diff_prune (apply refuses a diff-pruned model) is not read as the base:
+    not at the Linears' bases either, which diff_prune wraps in new Parameters on the same memory."""
+    reference = dpkernels.diff_prune(tiny_bert())
+    _sparse_gates(reference)
+    before = SparseDiff.from_model(reference)
+    model = tiny_bert()
     # Another task: sparse on every base tensor and on the classifier's bias, dense classifier weight.
     other = random_diff(tiny_bert(), seed=5, density=0.3, dense=("classifier.weight",))
     switcher = TaskSwitcher(model).add("other", other).switch("other")
-    during = SparseDiff.from_model(model)
-    for name, t in before.tensors.items():
-        assert torch.equal(t.base_values, during.tensors[name].base_values), name
-        assert torch.equal(t.values, during.tensors[name].values)
-    for name, d in before.dense.items():
-        assert torch.equal(d, during.dense[name])
-    switcher.add("during", during)  # its fingerprint is the true base
-    switcher.switch("during").reset()
+    dpkernels.diff_prune(model)
+    _sparse_gates(model)
+    assert_same_diff(SparseDiff.from_model(model), before)
+    switcher.reset()  # allowed on the diff-pruned model: it only writes the true base back
+    bases = {name: gt.theta0 for name, _, gt in iter_gated(model)}
+    for name, _, gt in iter_gated(reference):
+        assert torch.equal(bases[name].view(torch.int32), gt.theta0.view(torch.int32)), name
+
+
+def test_from_model_refuses_a_model_without_gated_tensors():
+    """A model never diff-pruned has no diff: from_model would copy every parameter whole as dense."""
+    for model in (Net(), torch.compile(tiny_bert())):
+        with pytest.raises(ValueError, match="^the model has no gated tensors: diff_prune it first$"):
+            SparseDiff.from_model(model)
+    # Freshly diff-pruned (every delta still 0): an empty diff, not an error.
+    diff = SparseDiff.from_model(dpkernels.diff_prune(Net(), dense=r"^head\."))
+    assert diff.nnz == 0 and len(diff.tensors) == 7 and set(diff.dense) == {"head.weight", "head.bias"}
 
 
 def test_from_deltas_sorts_and_rejects_bad_input():
@@ -492,17 +505,30 @@ def test_same_dtype_fingerprint_is_exact():
         diff.apply(model)
 
 
+class _Same(nn.Module):
+    """A parametrization that leaves the value as it is."""
+
+    def forward(self, x):
+        return x
+
+
 def test_parametrized_targets_resolve_by_plain_name():
-    model = dpkernels.diff_prune(tiny_bert())
-    diff = random_diff(tiny_bert(), seed=11, dense=("classifier.weight",))
-    before = model.bert.embeddings.word_embeddings.parametrizations.weight.original.detach().clone()
+    """A parametrized parameter is a target under its plain name: its ``original`` is written."""
+    model = Net()
+    torch.nn.utils.parametrize.register_parametrization(model.norm, "weight", _Same())
+    diff = random_diff(Net(), seed=11)
+    before = model.norm.parametrizations.weight.original.detach().clone()
     diff.apply(model)
-    after = model.bert.embeddings.word_embeddings.parametrizations.weight.original
+    after = model.norm.parametrizations.weight.original
     changed = (after != before).reshape(-1).nonzero().reshape(-1)
-    assert set(changed.tolist()) <= set(diff.tensors["bert.embeddings.word_embeddings.weight"].index.tolist())
+    assert set(changed.tolist()) <= set(diff.tensors["norm.weight"].index.tolist())
     assert changed.numel() > 0
     diff.restore(model)
     assert torch.equal(after.view(torch.int32), before.view(torch.int32))
+    # A diff-pruned model's gated parameters likewise: its fingerprint is the plain base's.
+    pruned = dpkernels.diff_prune(tiny_bert())
+    name = "bert.embeddings.word_embeddings.weight"
+    SparseDiff.from_deltas(pruned, {name: (torch.tensor([0, 5]), torch.tensor([1.0, 2.0]))}).check_model(tiny_bert())
 
 
 def test_every_flipped_byte_is_refused(tmp_path):
@@ -521,3 +547,100 @@ def test_every_flipped_byte_is_refused(tmp_path):
         case.write_bytes(corrupt)
         with pytest.raises(ValueError):
             SparseDiff.load(case)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapped and diff-pruned models
+# --------------------------------------------------------------------------------------------
+
+WRAPPERS = {
+    "compile": torch.compile,
+    "DataParallel": nn.DataParallel,
+    "DDP": nn.parallel.DistributedDataParallel,
+    "compile(DDP)": lambda m: torch.compile(nn.parallel.DistributedDataParallel(m)),
+    "DataParallel(compile)": lambda m: nn.DataParallel(torch.compile(m)),
+}
+
+
+@contextlib.contextmanager
+def _process_group(tmp_path):
+    """A gloo group of this one process: DistributedDataParallel needs one to be built."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrap", list(WRAPPERS))
+def test_wrapped_models_stand_for_the_plain_model(tmp_path, wrap):
+    """torch.compile and (Distributed)DataParallel prefix parameter names (``_orig_mod.``,
+    ``module.``): diffs from and onto wrapped models use the plain model's names, so a diff from a
+    wrapped model applies to a plain base, and a switcher on a wrapped base switches the plain one."""
+    pruned = dpkernels.diff_prune(Net(), dense=r"^head\.")
+    _sparse_gates(pruned)
+    diff = SparseDiff.from_model(pruned)
+    base = Net()
+    original, merged = bits(base), contract_merge(base, diff)
+    with _process_group(tmp_path) if "DDP" in wrap else contextlib.nullcontext():
+        assert_same_diff(SparseDiff.from_model(WRAPPERS[wrap](pruned)), diff)
+        wrapped = WRAPPERS[wrap](base)
+        assert diff.apply(wrapped) is wrapped and sparse.applied(base) is diff is sparse.applied(wrapped)
+        assert_same_bits(bits(base), merged)
+        diff.restore(base)  # one record, whichever of the two it is asked through
+        assert_same_bits(bits(base), original)
+        switcher = TaskSwitcher(wrapped).add("task", diff).switch("task")
+        assert switcher.model is base
+        assert_same_bits(bits(base), merged)
+        switcher.reset()
+        assert_same_bits(bits(base), original)
+        one = SparseDiff.from_deltas(wrapped, {"enc.bias": (torch.tensor([3]), torch.tensor([1.0]))})
+        assert list(one.tensors) == ["enc.bias"] and set(one.check_model(wrapped)[0]) == {"enc.bias"}
+
+
+def test_a_diff_pruned_model_is_refused_as_a_target():
+    """A diff written into a diff-pruned model's frozen base sits under the live diff: the diff the
+    model itself gives would count twice. apply, check_model and TaskSwitcher.add refuse it, wrapped
+    or not, and leave it untouched; the plain base takes the diff."""
+    model = dpkernels.diff_prune(tiny_bert())
+    _sparse_gates(model)
+    own = SparseDiff.from_model(model)
+    other = random_diff(tiny_bert(), seed=12, dense=("classifier.weight",))
+    original = bits(model)
+    calls = {"apply": lambda d, m: d.apply(m), "check_model": lambda d, m: d.check_model(m),
+             "TaskSwitcher.add": lambda d, m: TaskSwitcher(m).add("task", d)}
+    for target in (model, torch.compile(model)):
+        for diff in (own, other):
+            for call in calls.values():
+                with pytest.raises(ValueError, match=r"^the model is diff-pruned \(gated tensors such as "
+                                   r"'bert\.embeddings\.word_embeddings\.weight'\): apply diffs to the plain base"):
+                    call(diff, target)
+                assert_same_bits(bits(model), original)
+                assert sparse.applied(model) is None
+    plain = tiny_bert()
+    own.apply(plain)
+    x = torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain(x).logits, model.eval()(x).logits, rtol=0, atol=1e-6)
+
+
+def test_a_model_with_weight_norm_round_trips():
+    """weight_norm's parametrization keeps original0/original1 (no single `original`): both are
+    gated as plain parameters and the diff applies and restores through them."""
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 6), nn.Conv1d(6, 4, 3))
+        nn.utils.parametrizations.weight_norm(m[1])
+        return m
+
+    pruned, base = dpkernels.diff_prune(model(), dense=()), model()
+    before = bits(base)
+    for _, _, gt in dpkernels.nn.iter_gated(pruned):
+        with torch.no_grad():
+            gt.diff.normal_()
+    diff = SparseDiff.from_model(pruned)
+    assert "1.parametrizations.weight.original1" in diff.tensors
+    x = torch.randn(2, 6, 5)
+    torch.testing.assert_close(diff.apply(base)(x), pruned.eval()(x))
+    assert_same_bits(bits(diff.restore(base)), before)
