@@ -99,6 +99,20 @@ class _GatedModule(nn.Module):
         self._seed: torch.Tensor | None = None
         ops.preload_backends()  # before any torch.compile trace, which cannot import them
 
+    _BASE_NAMES: tuple[str, ...] = ()  # the frozen base parameters held here (DiffLinear's weight, bias)
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (.to, .half, .cuda, ...), but a cast to float16/bfloat16 leaves the gates
+        (diff, log_alpha, the fixed-mask values) in float32: half-precision gates would lose small
+        updates, and the kernels take float32 ones (float64 beside a float64 base)."""
+        super()._apply(fn, recurse)
+        for name, p in self._parameters.items():
+            if p is not None and name not in self._BASE_NAMES and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
     def _make_gates(self, prefix: str, theta0: torch.Tensor | None) -> None:
         """(Re)create diff = 0, log_alpha = alpha_init (and the group gate) for one base tensor."""
         names = (prefix + "diff", prefix + "log_alpha", prefix + "group_log_alpha")
@@ -183,6 +197,7 @@ class DiffLinear(_GatedModule):
     gradient penalty) raises.
     """
 
+    _BASE_NAMES = ("weight", "bias")
     _GATE_NAMES = ("diff", "log_alpha", "group_log_alpha", "bias_diff", "bias_log_alpha", "bias_group_log_alpha")
     _FIXED_NAMES = ("diff_index", "diff_values", "bias_diff_index", "bias_diff_values")
 

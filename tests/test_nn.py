@@ -173,3 +173,19 @@ def test_a_second_derivative_raises_instead_of_being_wrong(stage):
     grads = torch.autograd.grad(model(x).pow(2).sum(), inputs, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         sum(g.pow(2).sum() for g in grads).backward()
+
+
+def test_half_precision_casts_leave_the_gates_in_float32():
+    """model.half() / .to(torch.bfloat16) cast the frozen bases; the gates (documented float32,
+    float64 beside a float64 base) keep their precision in both stages, and the model still trains."""
+    model = dpkernels.diff_prune(nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4)))
+    gates = [n for n, p in model.named_parameters() if p.requires_grad]
+    for cast, base, gate in ((nn.Module.half, torch.float16, torch.float32),
+                             (nn.Module.double, torch.float64, torch.float64),
+                             (lambda m: m.to(torch.bfloat16), torch.bfloat16, torch.float32)):
+        dtypes = {n: p.dtype for n, p in cast(model).named_parameters()}
+        assert {dtypes[n] for n in gates} == {gate} and {d for n, d in dtypes.items() if n not in gates} == {base}
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    dpkernels.project(model, 0.5)
+    assert all(p.dtype == torch.float32 for p in model.half().parameters() if p.requires_grad)
