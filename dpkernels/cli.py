@@ -249,8 +249,8 @@ _DATA_OPTIONS = {
                                                    "(default: %(default)s; 'all' for every example)")),
     "max_length": (["--max-length"], dict(type=_int_at_least(2), metavar="TOKENS",
                                           help="truncate texts to this many tokens (default: %(default)s)")),
-    "seed": (["--seed"], dict(type=_seed, help="fixes the subset, the split, the head's init, the batch order and "
-                                             "the gates (default: %(default)s)")),
+    "seed": (["--seed"], dict(type=_seed, help="fixes the subset, the split, the head's init, the batch order "
+                                               "and the gates (default: %(default)s)")),
     "device": (["--device"], dict(type=_device_name, help="default: cuda when available, else cpu")),
 }
 _TRAIN_OPTIONS = {
