@@ -19,7 +19,9 @@ position embeddings eager.) If compiling fails (no C++ compiler, say) it warns o
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -109,6 +111,21 @@ def _key_tensors(seed: int, offset: int):
     return as_t(offset), as_t(seed & 0xFFFFFFFF), as_t(seed >> 32)
 
 
+def _import_cpp_extension_quietly() -> None:
+    """Inductor's C++ backend imports torch.utils.cpp_extension, which logs "No CUDA runtime is found,
+    using CUDA_HOME=..." on a CPU machine that has a CUDA toolkit: advice for building CUDA
+    extensions, not about these passes, yet it printed on every CPU run of the pipeline."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
 def _run_fused(kind: str, tensors, training, seed, offset, l, r, beta, extra=()):
     """MODES[kind, training] compiled, on flat detached tensors (so requires_grad is no guard),
     without autocast (elementwise fp32 math; the caller rounds to its dtype); the training modes
@@ -116,6 +133,7 @@ def _run_fused(kind: str, tensors, training, seed, offset, l, r, beta, extra=())
     global _disabled_reason, fused_calls
     mode = (kind, bool(training))
     if mode not in _compiled:
+        _import_cpp_extension_quietly()
         _compiled[mode] = torch.compile(MODES[mode], dynamic=True)
     flat = [t.detach().reshape(-1) for t in tensors]
     gates = (*_key_tensors(seed, offset), float(l), float(r), float(beta)) if training else (float(l), float(r))
