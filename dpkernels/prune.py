@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .nn import DiffLinear, dense_task_parameters, gate_parameter, iter_gated
+from .nn import DiffLinear, GatedParameter, dense_task_parameters, gate_parameter, iter_gated
 
 _INF_BITS = 0x7F800000  # float32 +inf: every finite magnitude's bit pattern is below it
 
@@ -123,6 +123,7 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
     same role, so excluding (or making dense) a tied parameter takes patterns matching all its names.
     """
     gate_kwargs = dict(l=l, r=r, beta=beta, alpha_init=alpha_init, l0_lambda=l0_lambda, structured=structured)
+    GatedParameter(torch.zeros(1), **gate_kwargs)  # bad gate options raise here, before the model is touched
     include, exclude, dense = _patterns(include), _patterns(exclude), _patterns(dense)
 
     def role(name: str) -> str:

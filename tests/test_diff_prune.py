@@ -137,8 +137,15 @@ def test_structured_group_gate_gradient_matches_the_reference():
 
 
 def test_bad_configurations():
-    with pytest.raises(ValueError, match="structured"):
-        dpkernels.diff_prune(tiny_bert(), structured=True, l0_lambda=0.1)
+    for bad, match in ((dict(structured=True, l0_lambda=0.1), "structured"), (dict(l=0.5), "l must be < 0"),
+                       (dict(alpha_init=float("nan")), "alpha_init")):
+        model = tiny_bert()
+        before = {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+        with pytest.raises(ValueError, match=match):
+            dpkernels.diff_prune(model, exclude=r"embeddings", **bad)  # frozen ones come first
+        after = {n: (p.requires_grad, p.detach()) for n, p in model.named_parameters()}  # untouched
+        assert after.keys() == before.keys() and all(
+            after[n][0] == r and torch.equal(after[n][1], t) for n, (r, t) in before.items())
     tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="tied"):
