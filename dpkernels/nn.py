@@ -191,7 +191,10 @@ class DiffLinear(_GatedModule):
     ``torch.manual_seed`` makes runs reproducible; ``last_seed`` holds it for replay with
     ``dpkernels.sample_gates``); in eval mode the gates are the deterministic z_eval.
     ``l0_lambda > 0`` fuses l0_lambda * dE[L0]/dlog_alpha into every backward (then do not also
-    add ``l0_lambda * layer.expected_l0()`` to the loss). After ``dpkernels.project`` the layer
+    add ``l0_lambda * layer.expected_l0()`` to the loss). It is added as is, so it equals that
+    penalty term only when each backward carries the loss unscaled: under loss scaling (an fp16
+    GradScaler multiplies the loss by S) or gradient accumulation over k backwards, scale it alike
+    (l0_lambda * S / k) or add the penalty term instead. After ``dpkernels.project`` the layer
     trains ``diff_values`` at fixed indices (``fixed_mask``), with the weight gradient computed
     only there. Unlike nn.Linear, no second derivatives: a backward through the backward (e.g. a
     gradient penalty) raises.

@@ -11,11 +11,20 @@ builds AdamW over :func:`dpkernels.optimizer_groups` (diff, log_alpha at lr 0.1,
 clips each group's gradient norm separately to ``args.max_grad_norm`` (instead of Trainer's one
 global clip), and logs ``expected_l0`` and ``nonzero_fraction`` (the fraction of gated entries whose
 eval gate is nonzero, or the mask density after projection).
+
+The penalty counts once per optimizer step whatever the gradient accumulation. A trainer built in
+the L0 stage refuses to train on after ``project`` (its optimizer holds the dropped gates): use a
+fresh one. ``resume_from_checkpoint`` works in both stages (into a freshly diff-pruned model; a
+fixed-mask checkpoint's masks are entered first). ``save_model`` writes the diff-pruned model's
+state, gates and all, which ``from_pretrained`` cannot rebuild: keep the task as
+``dpkernels.SparseDiff.from_model(model).save(path)``.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
+import os
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -23,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from .nn import iter_gated
 from .ops import eval_gates
 from .prune import clip_grad_norms, l0_penalty, optimizer_groups
+from .training import enter_saved_masks
 
 
 def gate_statistics(model: torch.nn.Module) -> dict[str, float]:
@@ -55,6 +65,20 @@ class DiffPruningCallback(TrainerCallback):
 
 
 
+def _saved_masks(folder) -> dict[str, torch.Tensor]:
+    """The ``*diff_index`` entries of a Trainer checkpoint's weight files (safetensors or .bin)."""
+    from safetensors import safe_open
+
+    masks = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            masks.update({k: f.get_tensor(k) for k in f.keys() if k.endswith("diff_index")})
+    for path in sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin"))):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        masks.update({k: v for k, v in state.items() if k.endswith("diff_index")})
+    return masks
+
+
 class DiffPruningTrainer(Trainer):
     """A Trainer for diff-pruned models (see the module docstring)."""
 
@@ -74,6 +98,12 @@ class DiffPruningTrainer(Trainer):
         self.args.max_grad_norm = 0.0
 
     def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            current = {id(p) for p in self.model.parameters()}
+            if any(id(p) not in current for g in self.optimizer.param_groups for p in g["params"]):
+                raise ValueError("this trainer's optimizer holds parameters the model no longer has (the model "
+                                 "entered the fixed-mask stage, e.g. dpkernels.project, after it was built): "
+                                 "train on with a fresh DiffPruningTrainer")
         if self.optimizer is None:
             groups = optimizer_groups(self.model, weight_decay=self.args.weight_decay, **self.group_lrs)
             self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
@@ -85,9 +115,27 @@ class DiffPruningTrainer(Trainer):
             logs = {**logs, **gate_statistics(self.model)}
         super().log(logs, *args, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # A checkpoint of the fixed-mask stage holds its masks: enter that stage first, or neither its
+        # weights nor its optimizer state would fit the freshly diff-pruned model being resumed.
+        enter_saved_masks(model if model is not None else self.model, _saved_masks(resume_from_checkpoint))
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         in_l0_stage = any(not gt.fixed_mask for _, _, gt in iter_gated(self.model))
         if self.l0_lambda and in_l0_stage and model.training:
-            loss = loss + self.l0_lambda * l0_penalty(self.model)
+            loss = loss + self.l0_lambda / self._penalty_parts(num_items_in_batch) * l0_penalty(self.model)
         return (loss, outputs) if return_outputs else loss
+
+    def _penalty_parts(self, num_items_in_batch) -> int:
+        """Over how many micro-batches the penalty, added to each, must be spread so that it counts
+        once per optimizer step: Trainer divides the loss by the gradient-accumulation steps itself
+        unless the loss is already normalised over them (a model taking num_items_in_batch, or a
+        compute_loss_func); then the division is ours (else GA steps multiplied lambda)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or \
+                getattr(self, "compute_loss_func", None) is not None
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps) \
+            if scaled else 1

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from .nn import iter_gated
+from .nn import DiffLinear, GatedParameter, iter_gated
 
 FORMAT = "dpkernels.checkpoint"
 VERSION = 1
@@ -91,3 +91,23 @@ def load_checkpoint(path, model: nn.Module, make_optimizer: Callable[[nn.Module]
         if ckpt["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     return optimizer, {"step": ckpt["step"], "extra": ckpt["extra"]}
+
+
+def enter_saved_masks(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int:
+    """Put the gated modules of a freshly diff-pruned ``model`` into the fixed-mask stage with the
+    masks a state dict of that stage holds (its ``*diff_index`` entries), so that the state dict,
+    and an optimizer state saved with it, then fit. Modules already in that stage, or with no
+    saved mask, are left alone. Returns how many modules entered the stage."""
+    entered = 0
+    for path, module in model.named_modules():
+        if not isinstance(module, (DiffLinear, GatedParameter)) or module.fixed_mask:
+            continue
+        prefix = f"{path}." if path else ""
+        keys = {"weight": "diff_index", "bias": "bias_diff_index"} if isinstance(module, DiffLinear) else \
+            {"weight": "diff_index"}
+        indices = {name: state[prefix + key] for name, key in keys.items() if prefix + key in state}
+        if indices:
+            device = next(t for t in module.parameters()).device
+            module.set_masks({name: index.to(device) for name, index in indices.items()})
+            entered += 1
+    return entered

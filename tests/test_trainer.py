@@ -36,8 +36,10 @@ def test_trainer_runs_both_stages_and_logs_gate_statistics(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "expected_l0" in entry]
     assert logged and all(0 <= e["nonzero_fraction"] <= 1 for e in logged)
     assert any(not torch.equal(gt.diff, start[n]) for n, _, gt in iter_gated(model))
-    # Fixed-mask stage with a fresh trainer.
+    # Fixed-mask stage with a fresh trainer: the old one's optimizer holds the dropped gates.
     k = dpkernels.project(model, 0.01)
+    with pytest.raises(ValueError, match="fresh DiffPruningTrainer"):
+        trainer.train()
     trainer = DiffPruningTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(seed=1))
     assert [g["name"] for g in trainer.create_optimizer().param_groups] == ["diff", "dense"]
     values = {n: gt.values.detach().clone() for n, _, gt in iter_gated(model)}
@@ -70,3 +72,56 @@ def test_per_group_clipping_replaces_the_global_clip(tmp_path):
 def test_trainer_needs_a_diff_pruned_model(tmp_path):
     with pytest.raises(ValueError, match="diff_prune"):
         DiffPruningTrainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=_dataset())
+
+
+def test_the_penalty_does_not_grow_with_gradient_accumulation(tmp_path):
+    """One optimizer step over the same 8 examples, as 1 x 8 or 2 x 4 or 4 x 2 micro-batches: the
+    penalty's share of the log_alpha gradient is the same (the Trainer leaves the task loss
+    unscaled for models that normalise it over the accumulated tokens; the penalty was then added
+    once per micro-batch, multiplying lambda by the accumulation steps)."""
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.sums = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.sums.append(sum(float(gt.log_alpha.grad.sum()) for _, _, gt in iter_gated(model)))
+
+    sums = []
+    for steps, batch in ((1, 8), (2, 4), (4, 2)):
+        record = Record()
+        args = _args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
+                     max_grad_norm=0.0)
+        DiffPruningTrainer(model=dpkernels.diff_prune(tiny_bert()), args=args, train_dataset=_dataset(n=8),
+                           l0_lambda=1.0, callbacks=[record]).train()
+        sums += record.sums
+    assert sums[0] == pytest.approx(sums[1], rel=1e-3) and sums[0] == pytest.approx(sums[2], rel=1e-3)
+
+
+@pytest.mark.parametrize("stage", ["l0", "fixed_mask"])
+def test_resume_from_a_trainer_checkpoint_in_either_stage(tmp_path, stage):
+    """resume_from_checkpoint into a freshly diff-pruned model ends where the uninterrupted run does;
+    a fixed-mask checkpoint's masks are entered first (its weights and optimizer state fit no L0 model)."""
+    def start():
+        torch.manual_seed(0)
+        model = dpkernels.diff_prune(tiny_bert())
+        if stage == "fixed_mask":
+            for _, _, gt in iter_gated(model):
+                with torch.no_grad():
+                    gt.diff.normal_()
+            dpkernels.project(model, 0.05)
+        return model
+
+    def trainer(model, out):
+        args = _args(out, max_steps=4, save_strategy="steps", save_steps=2, data_seed=0)
+        return DiffPruningTrainer(model=model, args=args, train_dataset=_dataset(n=64), l0_lambda=1e-3)
+
+    whole = start()
+    trainer(whole, tmp_path / "whole").train()
+    resumed = start() if stage == "l0" else dpkernels.diff_prune(tiny_bert())  # the masks come from the checkpoint
+    trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    final = {n: p for n, p in whole.state_dict().items()}
+    assert final.keys() == resumed.state_dict().keys()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, final[name]), name
