@@ -59,6 +59,7 @@ from torch import nn
 from . import ops
 from .backends import select
 from .nn import dense_task_parameters, iter_gated
+from .training import check_save_target
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DiffTensor", "SparseDiff", "TaskSwitcher", "applied"]
 
@@ -528,6 +529,7 @@ def _open_temp(directory: str, name: str) -> tuple[str, int]:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    check_save_target(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp, fd = _open_temp(directory, os.path.basename(path))
     try:

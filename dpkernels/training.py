@@ -7,6 +7,7 @@ seeds are drawn from torch's default CPU generator, so restoring it replays the 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -20,10 +21,20 @@ FORMAT = "dpkernels.checkpoint"
 VERSION = 1
 
 
+def check_save_target(path: str) -> None:
+    """Raise for a target that cannot be written, naming it (not the temporary file beside it)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"the folder {directory} does not exist", path)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over
     ``path``: an interrupted save leaves the previous file intact and no temporary behind."""
     path = os.fspath(path)
+    check_save_target(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)

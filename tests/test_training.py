@@ -93,3 +93,17 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, model, step=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_save_errors_name_the_target_not_the_temporary_file(tmp_path):
+    model = dpkernels.diff_prune(nn.Sequential(nn.Linear(3, 2)))
+    diff = dpkernels.SparseDiff.from_model(model)
+    for save in (diff.save, lambda path: save_checkpoint(path, model)):
+        missing = tmp_path / "no" / "x.bin"
+        with pytest.raises(FileNotFoundError, match=f"the folder {tmp_path / 'no'} does not exist") as info:
+            save(missing)
+        assert info.value.filename == str(missing)
+        with pytest.raises(IsADirectoryError, match="is a folder") as info:
+            save(tmp_path)
+        assert info.value.filename == str(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
