@@ -1,6 +1,6 @@
 """Quality report: diff pruning vs full finetuning vs the last-layer baseline, on one real task.
 
-A report, not a unit test (issue 4, item 4). Every method sees the same data subset, the same
+A report, not a unit test. Every method sees the same data subset, the same
 train / validation / test split (``dpkernels.data.load_task`` with one seed) and the same number
 of passes over the training split:
 

@@ -50,19 +50,29 @@ def load_rows(dirs: list[str]) -> tuple[dict[tuple, dict], dict]:
     for folder in dirs:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{folder}: no such folder")
-        for path in sorted(glob.glob(os.path.join(folder, "bench_*.json"))):
-            with open(path) as f:
-                data = json.load(f)
-            if path.endswith("bench_model_step_targets.json") and not str(data.get("device", "")).startswith("cpu"):
-                model_targets.setdefault("targets", {}).update(data["targets"])  # per shape, like the rows
-                model_targets["memory_target_extra_bytes_per_gated_param"] = \
-                    data["memory_target_extra_bytes_per_gated_param"]
-            if not isinstance(data, list):  # the other summaries (bench_switch_size.json)
-                continue
-            for row in data:
-                if not str(row.get("device", "")).startswith("cpu"):
-                    rows[(row["op"], row["provider"], row["mode"], row["shape"], row["dtype"])] = row
+        paths = sorted(glob.glob(os.path.join(folder, "bench_*.json")))
+        if not paths:
+            raise FileNotFoundError(f"{folder}: no bench_*.json rows (a benchmark run's --out folder)")
+        for path in paths:
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                _add_rows(path, data, rows, model_targets)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{path}: not a benchmark rows file ({type(exc).__name__}: {exc})") from None
     return rows, model_targets
+
+
+def _add_rows(path: str, data, rows: dict, model_targets: dict) -> None:
+    """One bench_*.json file's CUDA rows (and the model-step targets) into rows / model_targets."""
+    if path.endswith("bench_model_step_targets.json") and not str(data.get("device", "")).startswith("cpu"):
+        model_targets.setdefault("targets", {}).update(data["targets"])  # per shape, like the rows
+        model_targets["memory_target_extra_bytes_per_gated_param"] = data["memory_target_extra_bytes_per_gated_param"]
+    if not isinstance(data, list):  # the other summaries (bench_switch_size.json)
+        return
+    for row in data:
+        if not str(row.get("device", "")).startswith("cpu"):
+            rows[(row["op"], row["provider"], row["mode"], row["shape"], row["dtype"])] = row
 
 
 def _field(rows, key, field) -> float | None:

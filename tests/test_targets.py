@@ -107,3 +107,16 @@ def test_cli_prints_the_tables_and_rejects_a_missing_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         targets.main([str(tmp_path / "absent")])
     assert exc.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_folders_without_rows_and_broken_files_are_named(tmp_path, capsys):
+    from benchmarks import targets
+
+    with pytest.raises(SystemExit) as exit_info:
+        targets.main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no bench_*.json rows" in capsys.readouterr().err
+    (tmp_path / "bench_gates.json").write_text('[{"op": "gates", "device": "cuda"}]')
+    with pytest.raises(SystemExit):
+        targets.main([str(tmp_path)])
+    assert f"{tmp_path / 'bench_gates.json'}: not a benchmark rows file (KeyError: 'provider')" in \
+        capsys.readouterr().err
