@@ -74,10 +74,12 @@ def load_checkpoint(path, model: nn.Module, make_optimizer: Callable[[nn.Module]
     the state is loaded; then ``make_optimizer(model)``, if given, builds the optimizer, which gets
     its saved state. Returns (optimizer or None, {"step", "extra"}).
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", os.fspath(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling/zip errors of every kind mean an unusable file
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
+        raise ValueError(f"{path} is not a readable checkpoint: {str(exc) or type(exc).__name__}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
         raise ValueError(f"{path} is not a {FORMAT} version {VERSION} file")
     gated = {name: (module, gt) for name, module, gt in iter_gated(model)}

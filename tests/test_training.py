@@ -72,6 +72,11 @@ def test_bad_checkpoints_raise(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(bad, _model())
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"not a readable checkpoint: \S"):  # a reason after the colon
+        load_checkpoint(tmp_path / "empty.pt", _model())
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt", _model())
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a dpkernels.checkpoint"):
         load_checkpoint(tmp_path / "other.pt", _model())
