@@ -64,7 +64,6 @@ class DiffPruningCallback(TrainerCallback):
             clip_grad_norms(optimizer.param_groups, self.max_grad_norm)
 
 
-
 def _saved_masks(folder) -> dict[str, torch.Tensor]:
     """The ``*diff_index`` entries of a Trainer checkpoint's weight files (safetensors or .bin)."""
     from safetensors import safe_open
