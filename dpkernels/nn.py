@@ -82,18 +82,24 @@ class GatedTensor:
         return total
 
 
+def check_gate_options(l, r, beta, alpha_init, l0_lambda, structured) -> None:
+    """ValueError for gate options no gated module takes (diff_prune checks them before it changes
+    anything in a model)."""
+    ops.check_gate_config(l, r, beta)
+    if not math.isfinite(alpha_init):
+        raise ValueError(f"alpha_init must be finite, got {alpha_init}")
+    if not (math.isfinite(l0_lambda) and l0_lambda >= 0):
+        raise ValueError(f"l0_lambda must be finite and >= 0, got {l0_lambda}")
+    if structured and l0_lambda:
+        raise ValueError("the fused l0_lambda gradient covers unstructured gates only; with structured=True "
+                         "add dpkernels.l0_penalty(model) to the loss instead")
+
+
 class _GatedModule(nn.Module):
     """Shared machinery: gate configuration, parameter creation, seeds, stage change."""
 
     def _configure(self, l, r, beta, alpha_init, l0_lambda, structured) -> None:
-        ops.check_gate_config(l, r, beta)
-        if not math.isfinite(alpha_init):
-            raise ValueError(f"alpha_init must be finite, got {alpha_init}")
-        if not (math.isfinite(l0_lambda) and l0_lambda >= 0):
-            raise ValueError(f"l0_lambda must be finite and >= 0, got {l0_lambda}")
-        if structured and l0_lambda:
-            raise ValueError("the fused l0_lambda gradient covers unstructured gates only; with structured=True "
-                             "add dpkernels.l0_penalty(model) to the loss instead")
+        check_gate_options(l, r, beta, alpha_init, l0_lambda, structured)
         self.l, self.r, self.beta = float(l), float(r), float(beta)
         self.alpha_init, self.l0_lambda, self.structured = float(alpha_init), float(l0_lambda), bool(structured)
         self._seed: torch.Tensor | None = None
@@ -409,6 +415,15 @@ def _draw_gate_seeds(module: nn.Module, _inputs) -> None:
         for p in plist:
             if isinstance(p, GatedParameter) and p.training:
                 p.draw_seed()
+
+
+def require_gated(model: nn.Module, why: str = "") -> list:
+    """``list(iter_gated(model))``, or a ValueError when the model has no gated tensors (never
+    diff-pruned); ``why`` says in the message what the caller would otherwise get wrong."""
+    gated = list(iter_gated(model))
+    if not gated:
+        raise ValueError(f"the model has no gated tensors{why}: diff_prune it first")
+    return gated
 
 
 def iter_gated(model: nn.Module):

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .nn import DiffLinear, GatedParameter, dense_task_parameters, gate_parameter, iter_gated
+from .nn import DiffLinear, check_gate_options, dense_task_parameters, gate_parameter, iter_gated, require_gated
 
 _INF_BITS = 0x7F800000  # float32 +inf: every finite magnitude's bit pattern is below it
 
@@ -82,9 +82,7 @@ def project(model: nn.Module, sparsity: float, *, scope: str = "global") -> int:
     sparsity = float(sparsity)
     if scope not in ("global", "tensor"):
         raise ValueError(f"scope must be 'global' or 'tensor', got {scope!r}")
-    gated = list(iter_gated(model))
-    if not gated:
-        raise ValueError("the model has no gated tensors (use DiffLinear / dpkernels.diff_prune first)")
+    gated = require_gated(model)
     for name, _, gt in gated:
         if gt.fixed_mask:
             raise ValueError(f"{name} is already projected (fixed-mask stage)")
@@ -123,7 +121,7 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
     same role, so excluding (or making dense) a tied parameter takes patterns matching all its names.
     """
     gate_kwargs = dict(l=l, r=r, beta=beta, alpha_init=alpha_init, l0_lambda=l0_lambda, structured=structured)
-    GatedParameter(torch.zeros(1), **gate_kwargs)  # bad gate options raise here, before the model is touched
+    check_gate_options(**gate_kwargs)  # before the model is touched
     include, exclude, dense = _patterns(include), _patterns(exclude), _patterns(dense)
 
     def role(name: str) -> str:
@@ -173,9 +171,7 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def l0_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of E[L0] over every gated tensor of the model (product form when structured), differentiable."""
-    gated = [gt for _, _, gt in iter_gated(model)]
-    if not gated:
-        raise ValueError("the model has no gated tensors")
+    gated = [gt for _, _, gt in require_gated(model)]
     if any(_is_sharded(t) for gt in gated for t in gt.trainable()):
         raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
                          "L0 gradient instead: diff_prune(model, l0_lambda=...)")
@@ -202,10 +198,7 @@ def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: f
     log_alpha clipped separately (:func:`clip_grad_norms`). Empty groups are left out. A model
     without gated tensors is refused: its "dense" group would silently be full finetuning.
     """
-    gated = [gt for _, _, gt in iter_gated(model)]
-    if not gated:
-        raise ValueError("the model has no gated tensors (it would be plain full finetuning): "
-                         "dpkernels.diff_prune it first")
+    gated = [gt for _, _, gt in require_gated(model, " (it would be plain full finetuning)")]
     diff, gates = [], []
     for gt in gated:
         diff += [t for t in (gt.diff, gt.values) if t is not None]

@@ -58,7 +58,7 @@ from torch import nn
 
 from . import ops
 from .backends import select
-from .nn import dense_task_parameters, iter_gated
+from .nn import dense_task_parameters, iter_gated, require_gated
 from .training import check_save_target
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DiffTensor", "SparseDiff", "TaskSwitcher", "applied"]
@@ -232,14 +232,12 @@ class SparseDiff:
         model = _unwrap(model)
         expected = _check_gate(gate_config)
         deltas, bases, gates = {}, {}, {}
-        for name, _, gt in iter_gated(model):
+        for name, _, gt in require_gated(model):
             gate = _check_gate({"l": gt.l, "r": gt.r, "beta": gt.beta})
             if expected is not None and gate != expected:
                 raise ValueError(f"gated tensor {name!r} has gate config {gate}, not the expected {expected}")
             deltas[name] = gt.eval_delta()
             bases[name], gates[name] = gt.theta0, gate
-        if not deltas:
-            raise ValueError("the model has no gated tensors: diff_prune it first")
         dense = dense_task_parameters(model)
         return cls._build(model, bases, deltas, dense, gates, info)
 

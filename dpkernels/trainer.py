@@ -29,7 +29,7 @@ import os
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .nn import iter_gated
+from .nn import iter_gated, require_gated
 from .ops import eval_gates
 from .prune import clip_grad_norms, l0_penalty, optimizer_groups
 from .training import enter_saved_masks
@@ -84,8 +84,7 @@ class DiffPruningTrainer(Trainer):
     def __init__(self, *args, l0_lambda: float = 0.0, diff_lr: float | None = None, log_alpha_lr: float = 0.1,
                  dense_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not list(iter_gated(self.model)):
-            raise ValueError("the model has no gated tensors; call dpkernels.diff_prune(model) first")
+        require_gated(self.model)
         self.l0_lambda = float(l0_lambda)
         self.group_lrs = dict(diff_lr=self.args.learning_rate if diff_lr is None else diff_lr,
                               log_alpha_lr=log_alpha_lr, dense_lr=dense_lr)
