@@ -45,16 +45,6 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:  # torch.manual_seed's range, kept simple
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
-    return value
-
-
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -67,6 +57,13 @@ def _int_at_least(minimum: int):
 
     parse.__name__ = "integer"
     return parse
+
+
+def _seed(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value >= 2**63:  # torch.manual_seed's range, kept simple
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {value}")
+    return value
 
 
 def _float_in(low: float, high: float, *, low_open: bool = True, high_open: bool = False):
