@@ -1,4 +1,5 @@
-"""The reference Philox stream: Random123's known answers, and bit-identity with Triton's tl.rand."""
+"""The reference Philox stream: Random123's known answers, and bit-identity with Triton's tl.rand
+(and with the kernels' own Philox, gates._uniform, which forms each product in one wide multiply)."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import triton.language as tl
 from conftest import DEVICES, TRITON_DEVICES
 
 from dpkernels import reference as ref
+from dpkernels.backends.triton.gates import _uniform
 
 # Random123's known-answer tests for Philox4x32-10 (kat_vectors): counter, key, output.
 _KAT = [
@@ -25,21 +27,24 @@ def test_philox4x32_known_answers(counter, key, expected):
 
 
 @triton.jit
-def _rand_probe_kernel(OFF_ptr, U_ptr, I_ptr, seed, n, BLOCK: tl.constexpr):
+def _rand_probe_kernel(OFF_ptr, U_ptr, I_ptr, OWN_ptr, seed, n, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     offs = tl.load(OFF_ptr + idx, mask=mask, other=0)
     tl.store(U_ptr + idx, tl.rand(seed, offs), mask=mask)
     tl.store(I_ptr + idx, tl.randint(seed, offs), mask=mask)
+    tl.store(OWN_ptr + idx, _uniform(seed, offs), mask=mask)
 
 
 def _triton_rand(seed: int, offsets: torch.Tensor):
+    """(tl.rand, tl.randint, gates._uniform) at the offsets, from one launch."""
     signed = seed - (1 << 64) if seed >= (1 << 63) else seed
     u = torch.full(offsets.shape, float("nan"), device=offsets.device)  # poisoned
+    own = torch.full(offsets.shape, float("nan"), device=offsets.device)
     i = torch.full(offsets.shape, -7, dtype=torch.int32, device=offsets.device)
     n = offsets.numel()
-    _rand_probe_kernel[(triton.cdiv(n, 256),)](offsets, u, i, signed, n, BLOCK=256)
-    return u, i
+    _rand_probe_kernel[(triton.cdiv(n, 256),)](offsets, u, i, own, signed, n, BLOCK=256)
+    return u, i, own
 
 
 def _seeds():
@@ -66,10 +71,11 @@ def _offsets(device):
 @pytest.mark.parametrize("seed", _seeds())
 def test_reference_philox_matches_tl_rand_bit_for_bit(seed, device):
     offsets = _offsets(device)
-    u_triton, i_triton = _triton_rand(seed, offsets)
+    u_triton, i_triton, u_own = _triton_rand(seed, offsets)
     assert torch.equal(ref.philox_randint(seed, offsets), i_triton)
     u_ref = ref.philox_uniform(seed, offsets)
     assert torch.equal(u_ref.view(torch.int32), u_triton.view(torch.int32))
+    assert torch.equal(u_own.view(torch.int32), u_triton.view(torch.int32))
     assert (u_ref >= 0).all() and (u_ref < 1).all()
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ...reference import l0_shift as _l0_shift
 from .device_guard import on_tensor_device
-from .gates import _hard_concrete, _signed_seed
+from .gates import _hard_concrete, _l0_grad, _signed_seed
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -121,6 +121,7 @@ def _gated_matmul_kernel(
     offset,  # Philox counter of weight element 0
     l, r, beta,  # gate constants
     TRAINING: tl.constexpr,  # sampled gates vs eval gates
+    BETA_ONE: tl.constexpr,  # beta == 1: the cheaper form of the gate (gates._hard_concrete)
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # multiply in fp32 (the interpreter's bf16 dot is wrong)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands ("ieee" or "tf32")
@@ -138,7 +139,7 @@ def _gated_matmul_kernel(
         e = rq[:, None] * stride_bq + rp[None, :] * stride_bp
         b_in = q_in[:, None] & p_in[None, :]
         la = tl.load(LA_ptr + e, mask=b_in, other=0.0)
-        z, _ = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING)
+        z, _ = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING, BETA_ONE)
         w = tl.load(DIFF_ptr + e, mask=b_in, other=0.0)
         b = (tl.load(THETA0_ptr + e, mask=b_in, other=0.0).to(tl.float32) + z * w).to(A_ptr.dtype.element_ty)
         acc = _dot_acc(acc, a, b, DOT_FP32, PRECISION)
@@ -164,6 +165,7 @@ def _gated_wgrad_kernel(
     l0_lambda,  # weight of the fused E[L0] gradient
     l0_shift,  # beta * log(-l / r)
     TRAINING: tl.constexpr,
+    BETA_ONE: tl.constexpr,  # beta == 1 (gates._hard_concrete)
     HAS_L0: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -186,26 +188,26 @@ def _gated_wgrad_kernel(
     col0 = pid_k.to(tl.int64) * BLOCK_K
     if EPILOGUE_SPLIT == 1:
         _route_store(acc, rn, col0 + tl.arange(0, BLOCK_K), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr,
-                     seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                     seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
     else:
         left, right = _halves(acc, BLOCK_N, BLOCK_K)
         if EPILOGUE_SPLIT == 2:
             _route_store(left, rn, col0 + tl.arange(0, BLOCK_K // 2), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr,
-                         GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                         GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
             _route_store(right, rn, col0 + BLOCK_K // 2 + tl.arange(0, BLOCK_K // 2), N, K, DIFF_ptr, LA_ptr,
-                         GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                         GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
         else:
             q: tl.constexpr = BLOCK_K // 4
             q0, q1 = _halves(left, BLOCK_N, BLOCK_K // 2)
             q2, q3 = _halves(right, BLOCK_N, BLOCK_K // 2)
             _route_store(q0, rn, col0 + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, seed,
-                         offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                         offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
             _route_store(q1, rn, col0 + q + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, seed,
-                         offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                         offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
             _route_store(q2, rn, col0 + 2 * q + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr,
-                         seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                         seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
             _route_store(q3, rn, col0 + 3 * q + tl.arange(0, q), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr,
-                         seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, HAS_L0)
+                         seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
 
 
 @triton.jit
@@ -216,17 +218,16 @@ def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _route_store(g, rn, rk, N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda,
-                 l0_shift, TRAINING: tl.constexpr, HAS_L0: tl.constexpr):
+                 l0_shift, TRAINING: tl.constexpr, BETA_ONE: tl.constexpr, HAS_L0: tl.constexpr):
     """gate_backward's routing of the weight gradient tile g (rows rn, columns rk) into the grads."""
     e = rn[:, None] * K + rk[None, :]
     inside = (rn < N)[:, None] & (rk < K)[None, :]
     la = tl.load(LA_ptr + e, mask=inside, other=0.0)
     w = tl.load(DIFF_ptr + e, mask=inside, other=0.0)
-    z, dz = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING)
+    z, dz = _hard_concrete(la, seed, offset + e, l, r, beta, TRAINING, BETA_ONE)
     grad_la = g * w * dz
     if HAS_L0:
-        p = tl.sigmoid(la - l0_shift)
-        grad_la += l0_lambda * p * (1.0 - p)
+        grad_la += l0_lambda * _l0_grad(la, l0_shift)
     tl.store(GRAD_DIFF_ptr + e, g * z, mask=inside)
     tl.store(GRAD_LA_ptr + e, grad_la, mask=inside)
 
@@ -297,7 +298,7 @@ def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r
         a, theta0, diff, log_alpha, bias if bias is not None else out, out, m, p, q, _bucket(m),
         a.stride(0), a.stride(1), *strides, out.stride(0), out.stride(1),
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
-        TRAINING=bool(training), HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=precision, GROUP_M=8,
+        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=precision, GROUP_M=8,
         **blocks,
     )
     return out
@@ -335,7 +336,7 @@ def gated_linear_grad_weight(grad_y, x, diff, log_alpha, seed, offset, training,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
         float(l0_lambda), _l0_shift(l, r, beta),
-        TRAINING=bool(training), HAS_L0=bool(l0_lambda), DOT_FP32=dot_fp32, PRECISION=precision, GROUP_N=8,
+        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_L0=bool(l0_lambda), DOT_FP32=dot_fp32, PRECISION=precision, GROUP_N=8,
         **blocks,
     )
     return grad_diff, grad_log_alpha

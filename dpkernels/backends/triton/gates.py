@@ -19,6 +19,8 @@ Elementwise and memory-bound: one read of each input and one write of each outpu
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,16 +31,117 @@ from .device_guard import on_tensor_device
 _BLOCK = 1024
 _NUM_WARPS = 4
 
+# The GPU build uses the special-function unit's approximations (one MUFU instruction each,
+# relative error about 2**-22); the interpreter, which cannot run inline PTX, uses tl.log2, tl.exp2
+# and an IEEE division for the same formulas. Either way z stays within a few float32 ulps of the
+# float64 reference (tests/test_gates.py's rule); the draw u is bit-exact on both.
+_FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+_LOG2E = tl.constexpr(1.4426950408889634)
+_TINY = tl.constexpr(1e-30)  # keeps u / d at 0 for u = 0 when d underflows to 0 too
+
 
 @triton.jit
-def _hard_concrete(la, seed, offs, l, r, beta, TRAINING: tl.constexpr):
-    """(z, dz/dlog_alpha) in fp32 for fp32 log_alpha `la` at Philox counters `offs` (int64)."""
+def _ptx1(x, INSTRUCTION: tl.constexpr):
+    """One float32 special-function instruction (``ex2``, ``lg2`` or ``rcp`` ``.approx.ftz.f32``)."""
+    return tl.inline_asm_elementwise(INSTRUCTION + ".approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _exp2(x):
+    if _FAST_MATH:
+        return _ptx1(x, "ex2")
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _log2(x):
+    if _FAST_MATH:
+        return _ptx1(x, "lg2")
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _reciprocal(x):
+    if _FAST_MATH:
+        return _ptx1(x, "rcp")
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _sigmoid(x):
+    """1 / (1 + 2**(-x log2 e)): exactly 0 or 1 at the extremes, never NaN for finite x."""
+    return _reciprocal(1.0 + _exp2(-x * _LOG2E))
+
+
+@triton.jit
+def _mul_wide(a, B: tl.constexpr):
+    """(hi, lo) 32-bit halves of the 64-bit product of uint32 `a` and the constant B (one IMAD.WIDE)."""
+    p = a.to(tl.uint64) * B
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _uniform(seed, offs):
+    """``tl.rand(seed, offs)`` bit for bit: Philox4x32-10 at counter (offs_lo, offs_hi, 0, 0), key
+    seed, first word mapped to [0, 1) as ``uint_to_uniform_float`` does. triton.language.random
+    forms each 32x32-bit product's halves with two multiplies (umulhi and a low multiply); one
+    wide multiply gives both, about a third fewer instructions. The first round, whose counter
+    words c2 = c3 = 0, is folded; the last computes only the word returned."""
+    ROUND_A: tl.constexpr = 0xD2511F53
+    ROUND_B: tl.constexpr = 0xCD9E8D57
+    KEY_A: tl.constexpr = 0x9E3779B9
+    KEY_B: tl.constexpr = 0xBB67AE85
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = offs.to(tl.uint32)
+    c1 = (offs >> 32).to(tl.uint32)
+    # Round 1 with c2 = c3 = 0: c0' = c1 ^ k0, c1' = 0, (c2', c3') = (hi ^ k1, lo) of A * c0.
+    hi, lo = _mul_wide(c0, ROUND_A)
+    c0, c2, c3 = c1 ^ k0, hi ^ k1, lo
+    k0 = tl.add(k0, KEY_A, sanitize_overflow=False)
+    k1 = tl.add(k1, KEY_B, sanitize_overflow=False)
+    # Round 2 with c1 = 0.
+    hi_b, lo_b = _mul_wide(c2, ROUND_B)
+    hi_a, lo_a = _mul_wide(c0, ROUND_A)
+    c0, c1, c2, c3 = hi_b ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+    for _ in tl.static_range(7):  # rounds 3 to 9
+        k0 = tl.add(k0, KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, KEY_B, sanitize_overflow=False)
+        hi_b, lo_b = _mul_wide(c2, ROUND_B)
+        hi_a, lo_a = _mul_wide(c0, ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+    k0 = tl.add(k0, KEY_A, sanitize_overflow=False)
+    word = tl.umulhi(c2, ROUND_B) ^ c1 ^ k0  # round 10, first word only
+    x = word.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x * 4.6566127342e-10
+
+
+@triton.jit
+def _hard_concrete(la, seed, offs, l, r, beta, TRAINING: tl.constexpr, BETA_ONE: tl.constexpr):
+    """(z, dz/dlog_alpha) in fp32 for fp32 log_alpha `la` at Philox counters `offs` (int64).
+
+    Training: s = sigmoid((log u - log(1 - u) + la) / beta) = 1 / (1 + q),
+    q = 2**((log2(1 - u) - log2(u) - la log2 e) / beta); with BETA_ONE (beta = 1, the paper's) the
+    cheaper equal form s = u / (u + (1 - u) e**(-la)), floored away from 0/0 at u = 0 (s = 0 there
+    either way).
+    """
     if TRAINING:
-        u = tl.rand(seed, offs)
-        s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + la) / beta)
+        u = _uniform(seed, offs)
+        if BETA_ONE:
+            d = u + (1.0 - u) * _exp2(-la * _LOG2E)
+            s = u * _reciprocal(tl.maximum(d, _TINY))
+        else:
+            q = _exp2((_log2(1.0 - u) - _log2(u) - la * _LOG2E) / beta)
+            s = _reciprocal(1.0 + q)
         slope = (r - l) / beta
     else:
-        s = tl.sigmoid(la)
+        s = _sigmoid(la)
         slope = r - l
     sbar = s * (r - l) + l
     z = tl.minimum(tl.maximum(sbar, 0.0), 1.0)
@@ -46,7 +149,14 @@ def _hard_concrete(la, seed, offs, l, r, beta, TRAINING: tl.constexpr):
     return z, dz
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "n"])
+@triton.jit
+def _l0_grad(la, l0_shift):
+    """dE[L0]/dlog_alpha = p (1 - p), p = sigmoid(la - l0_shift)."""
+    p = _sigmoid(la - l0_shift)
+    return p * (1.0 - p)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _gate_forward_kernel(
     LA_ptr,  # log_alpha, fp32, n contiguous elements
     THETA0_ptr,  # frozen base, any float dtype (unused unless APPLY)
@@ -59,13 +169,14 @@ def _gate_forward_kernel(
     r,  # stretch interval right end (> 1)
     beta,  # temperature
     TRAINING: tl.constexpr,  # sample (seed, offset + i) vs deterministic eval gates
+    BETA_ONE: tl.constexpr,  # beta == 1: the cheaper form of the gate (see _hard_concrete)
     APPLY: tl.constexpr,  # write theta0 + z * diff instead of z
     BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     la = tl.load(LA_ptr + idx, mask=mask, other=0.0)
-    z, _ = _hard_concrete(la, seed, offset + idx, l, r, beta, TRAINING)
+    z, _ = _hard_concrete(la, seed, offset + idx, l, r, beta, TRAINING, BETA_ONE)
     if APPLY:
         theta0 = tl.load(THETA0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(DIFF_ptr + idx, mask=mask, other=0.0)
@@ -73,7 +184,7 @@ def _gate_forward_kernel(
     tl.store(OUT_ptr + idx, z.to(OUT_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "n"])
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _gate_backward_kernel(
     G_ptr,  # dLoss/dtheta, any float dtype, n contiguous elements
     DIFF_ptr,  # diff magnitudes w, fp32
@@ -89,6 +200,7 @@ def _gate_backward_kernel(
     l0_lambda,  # weight of the fused E[L0] gradient
     l0_shift,  # beta * log(-l / r)
     TRAINING: tl.constexpr,
+    BETA_ONE: tl.constexpr,  # beta == 1 (see _hard_concrete)
     ACCUMULATE: tl.constexpr,  # add into the output buffers instead of overwriting them
     HAS_L0: tl.constexpr,  # add l0_lambda * p (1 - p) to grad_log_alpha
     BLOCK: tl.constexpr,
@@ -98,12 +210,11 @@ def _gate_backward_kernel(
     g = tl.load(G_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(DIFF_ptr + idx, mask=mask, other=0.0)
     la = tl.load(LA_ptr + idx, mask=mask, other=0.0)
-    z, dz = _hard_concrete(la, seed, offset + idx, l, r, beta, TRAINING)
+    z, dz = _hard_concrete(la, seed, offset + idx, l, r, beta, TRAINING, BETA_ONE)
     grad_w = g * z
     grad_la = g * w * dz
     if HAS_L0:
-        p = tl.sigmoid(la - l0_shift)
-        grad_la += l0_lambda * p * (1.0 - p)
+        grad_la += l0_lambda * _l0_grad(la, l0_shift)
     if ACCUMULATE:
         grad_w += tl.load(GRAD_DIFF_ptr + idx, mask=mask, other=0.0)
         grad_la += tl.load(GRAD_LA_ptr + idx, mask=mask, other=0.0)
@@ -136,7 +247,7 @@ def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, dif
         _gate_forward_kernel[_grid(n)](
             la, theta0, diff, out, n, _signed_seed(seed if training else 0), offset if training else 0,
             float(l), float(r), float(beta),
-            TRAINING=bool(training), APPLY=apply, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+            TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, APPLY=apply, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
     return out
 
@@ -163,7 +274,7 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
             g, diff, la, grad_diff, grad_log_alpha, n, _signed_seed(seed if training else 0),
             offset if training else 0, float(l), float(r), float(beta), float(l0_lambda),
             _l0_shift(l, r, beta),
-            TRAINING=bool(training), ACCUMULATE=accumulate, HAS_L0=bool(l0_lambda), BLOCK=_BLOCK,
+            TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, ACCUMULATE=accumulate, HAS_L0=bool(l0_lambda), BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,
         )
     return grad_diff, grad_log_alpha
