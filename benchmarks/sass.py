@@ -136,6 +136,7 @@ class Launch:
     compiled: object  # triton.compiler.CompiledKernel
     grid: tuple[int, int, int]
     constants: dict  # the launch's constexpr arguments (block sizes, feature flags)
+    scalars: dict  # its integer and float arguments (sizes, strides, loop bounds)
     num_warps: int
     num_stages: int
 
@@ -195,11 +196,13 @@ def compile_launches():
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        bound = dict(zip(self.arg_names, args)) | kwargs
+        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs  # trailing defaults unbound
         size = grid(bound) if callable(grid) else grid
         size = tuple(size) + (1,) * (3 - len(size))
         constants = {p.name: bound[p.name] for p in self.params if p.is_constexpr and p.name in bound}
-        launches.append(Launch(self.fn.__name__, kernel, size, constants, kernel.metadata.num_warps,
+        scalars = {name: v for name, v in bound.items()
+                   if name not in constants and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        launches.append(Launch(self.fn.__name__, kernel, size, constants, scalars, kernel.metadata.num_warps,
                                kernel.metadata.num_stages))
         return kernel
 

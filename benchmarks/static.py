@@ -26,6 +26,9 @@ run has been made.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -64,9 +67,12 @@ class Gpu:
 # H200: the device tool's KINDS.md (a copy moved 4.3 TB/s counting reads and writes; an 8192^3 bf16
 # GEMM ran at 788 TFLOP/s; SM clock 1980 MHz under load). H100: DESIGN.md (a gate pass ran at
 # 2.9 TB/s; nn.Linear's three GEMMs at 8192 x 4096 -> 11008 took 3.28 ms, i.e. 676 TFLOP/s).
-# L2 bandwidth: ~5.5 TB/s, published microbenchmarks of an H100, a lead for both.
-H200 = Gpu("H200", 132, 1.98e9, 4.3e12, 4.8e12, 788e12, 5.5e12)
-H100 = Gpu("H100", 132, 1.755e9, 2.9e12, 3.35e12, 676e12, 5.5e12)
+# L2 -> SM bandwidth, the least certain figure: a lower bound from DESIGN.md's cuBLAS measurement,
+# the dY^T X GEMM at that shape in 0.96 ms on an H100. Its largest tile, 128 x 256, reads at least
+# 2 M N K (1/128 + 1/256) bytes through L2, 5.8 GB with one operand multicast to 2-CTA clusters:
+# >= 6.0 TB/s. (A published microbenchmark of the 114-SM PCIe H100 read ~5.5 TB/s.)
+H200 = Gpu("H200", 132, 1.98e9, 4.3e12, 4.8e12, 788e12, 6.0e12)
+H100 = Gpu("H100", 132, 1.755e9, 2.9e12, 3.35e12, 676e12, 6.0e12)
 LAUNCH_S = 2e-6  # per kernel launch, back to back on one stream (a lead)
 REGISTERS_PER_SM, THREADS_PER_SM, CTAS_PER_SM, SHARED_PER_SM = 65536, 2048, 32, 228 * 1024
 
@@ -159,169 +165,340 @@ def analyse(op, backend, variant, shape, fn: Function, *, threads, ctas, work: W
 
 
 # ----------------------------------------------------------------------------------------------
-# The workloads: DESIGN.md's shapes.
+# The workloads: DESIGN.md's shapes, bf16 activations.
 
 LINEAR_SHAPES = [(8192, 768, 3072), (8192, 4096, 11008), (512, 4096, 4096), (64, 4096, 4096)]  # M x K -> N
 GATE_SHAPES = [(4096, 11008), (768, 3072)]  # weight (N, K) of the gate passes
-MASK_DENSITY = 0.005
-SIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+MASK_DENSITY = 0.005  # the paper's 0.5%
+SWITCH_ENTRIES = 1_680_000  # BERT-large's 335M parameters at 0.5%, its 393 tensors in one launch
+BF16 = torch.bfloat16
 
 
 def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _triton_rows() -> list[Row]:
-    import importlib
+@dataclass
+class Case:
+    """One call of a launcher (or one modelled torch step): its launches' rows and their sum."""
 
-    # The modules (the package's names sddmm, ... are the launcher functions).
-    diff_linear, gates, scatter, sddmm = (importlib.import_module(f"dpkernels.backends.triton.{m}")
-                                          for m in ("diff_linear", "gates", "scatter", "sddmm"))
-    rows = []
+    op: str
+    shape: str
+    rows: list[Row]
 
-    def record(op, shape, work_of, launch_fn, units_of):
-        with compile_launches() as launches:
-            launch_fn()
-        for launch in launches:
-            fn = launch.function()
-            c = launch.constants
-            variant = ", ".join(f"{k}={v}" for k, v in c.items() if k.startswith("BLOCK") or k == "EPILOGUE_SPLIT")
-            variant = (variant + f", w{launch.num_warps}").lstrip(", ")
-            rows.append(analyse(op, "triton", variant, shape, fn, threads=launch.threads, ctas=launch.ctas,
-                                work=work_of(launch), per_thread_units=units_of(launch)))
+    def us(self, gpu: Gpu) -> float:
+        return sum(r.h200_us if gpu is H200 else r.h100_us for r in self.rows)
 
-    bf16 = torch.bfloat16
+    def best(self) -> Case:
+        """The autotuner's pick as the model sees it: the fastest config (H200)."""
+        return Case(self.op, self.shape, [min(self.rows, key=lambda r: r.h200_us)])
+
+
+def _variant(launch) -> str:
+    c = launch.constants
+    parts = [f"{k}={v}" for k, v in c.items() if k.startswith("BLOCK") or k == "EPILOGUE_SPLIT"]
+    return ", ".join(parts + [f"w{launch.num_warps}"])
+
+
+def run_launcher(op: str, shape: str, call, work_of, units_of=lambda launch: 0, *, per_config=False) -> list[Case]:
+    """Compile the launches of `call()` and model each: one Case per call, or one per autotuning
+    config (per_config: the configs of one autotuned launch, each its own Case)."""
+    with compile_launches() as launches:
+        call()
+    rows = [analyse(op, "triton", _variant(launch), shape, launch.function(), threads=launch.threads,
+                    ctas=launch.ctas, work=work_of(launch), per_thread_units=units_of(launch)) for launch in launches]
+    return [Case(op, shape, [r]) for r in rows] if per_config else [Case(op, shape, rows)]
+
+
+def modelled(op: str, shape: str, *, bytes=0.0, flops=0.0, tensor_efficiency=1.0) -> Case:
+    """A torch step (cuBLAS GEMM, a copy) that has no kernel of ours: bytes at the DRAM rate and
+    FLOPs at the tensor rate, one launch."""
+    row = Row(op, "torch (model)", "", shape, 0, 0, 0, 0, 0, [], 0, 0, 0, 0, bytes, flops,
+              *(1e6 * (max(bytes / g.bandwidth, flops / (g.tensor_flops * tensor_efficiency)) + LAUNCH_S)
+                for g in (H200, H100)), "tensor" if flops else "memory")
+    return Case(op, shape, [row])
+
+
+def _elementwise(launch) -> int:
+    return launch.constants["BLOCK"] // launch.threads
+
+
+def _gate_case(op: str, n_out: int, k_in: int, *, backward: bool, training=True, apply=True,
+               gate=(-1.5, 1.5, 1.0)) -> Case:
+    """One Triton gate pass over an (n_out, k_in) weight: bf16 base and output, fp32 diff and log_alpha."""
+    gates = importlib.import_module("dpkernels.backends.triton.gates")
+    n = n_out * k_in
+    if backward:  # g (bf16), diff, log_alpha in; grad_diff, grad_log_alpha out; with the L0 term
+        nbytes = 2 + 4 + 4 + 4 + 4
+
+        def call():
+            gates.gate_backward(_meta(n, dtype=BF16), _meta(n), _meta(n), 5, 0, training, *gate, 1e-3)
+    else:  # log_alpha (+ diff, base) in; the effective weight (bf16) or z (fp32) out
+        nbytes = 4 + 4 + 2 + 2 if apply else 4 + 4
+        theta0 = dict(theta0=_meta(n, dtype=BF16), diff=_meta(n), out_dtype=BF16) if apply else {}
+
+        def call():
+            gates.gate_forward(_meta(n), 5, 0, training, *gate, **theta0)
+    (case,) = run_launcher(op, f"{n_out}x{k_in}", call, lambda _: Work(bytes=n * nbytes, elements=n), _elementwise)
+    return case
+
+
+def gate_cases() -> list[Case]:
+    cases = []
     for n_out, k_in in GATE_SHAPES:
-        n = n_out * k_in
-        shape = f"{n_out}x{k_in}"
-        elementwise = lambda launch: launch.constants["BLOCK"] // launch.threads  # noqa: E731
         for training in (True, False):
             mode = "train" if training else "eval"
-            record(f"gate_forward {mode} apply bf16", shape, lambda _: Work(bytes=n * (4 + 4 + 2 + 2), elements=n),
-                   lambda t=training: gates.gate_forward(_meta(n), 5, 0, t, -1.5, 1.5, 1.0, theta0=_meta(n, dtype=bf16),
-                                                         diff=_meta(n), out_dtype=bf16), elementwise)
-            record(f"gate_backward {mode} bf16 g, L0", shape, lambda _: Work(bytes=n * (2 + 4 + 4 + 4 + 4), elements=n),
-                   lambda t=training: gates.gate_backward(_meta(n, dtype=bf16), _meta(n), _meta(n), 5, 0, t, -1.5, 1.5,
-                                                          1.0, 1e-3), elementwise)
-        record("gate_forward train z (sample_gates)", shape, lambda _: Work(bytes=n * 8, elements=n),
-               lambda: gates.gate_forward(_meta(n), 5, 0, True, -1.5, 1.5, 1.0), elementwise)
-        record("gate_forward train apply bf16, beta=2/3", shape, lambda _: Work(bytes=n * 12, elements=n),
-               lambda: gates.gate_forward(_meta(n), 5, 0, True, -0.1, 1.1, 2 / 3, theta0=_meta(n, dtype=bf16),
-                                          diff=_meta(n), out_dtype=bf16), elementwise)
-
-    for m, k, n in LINEAR_SHAPES:
-        shape = f"{m}x{k}->{n}"
-        weight_bytes = n * k * (2 + 4 + 4)  # theta0 (bf16), diff, log_alpha
-        flops = 2.0 * m * n * k
-
-        def gemm_work(launch, reduction, out_elems):
-            c = launch.constants
-            block = c.get("BLOCK_Q") or c.get("BLOCK_M")
-            rows_per_cta = c.get("BLOCK_M") if "BLOCK_Q" in c else None
-            del rows_per_cta
-            return Work(bytes=weight_bytes + 2 * (m * k + out_elems), flops=flops, trips=math.ceil(reduction / block))
-
-        record("gated_linear forward (fused)", shape, lambda launch: gemm_work(launch, k, m * n),
-               lambda: diff_linear.gated_linear(_meta(m, k, dtype=bf16), _meta(n, k, dtype=bf16), _meta(n, k),
-                                                _meta(n, k), _meta(n, dtype=bf16), 5, 0, True, -1.5, 1.5, 1.0),
-               lambda launch: 0)
-        record("gated_linear dX (fused)", shape, lambda launch: gemm_work(launch, n, m * k),
-               lambda: diff_linear.gated_linear_grad_input(_meta(m, n, dtype=bf16), _meta(n, k, dtype=bf16),
-                                                           _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0),
-               lambda launch: 0)
-        record("gated_linear dW routed (fused)", shape,
-               lambda launch: Work(bytes=n * k * 16 + 2 * m * (n + k), flops=flops,
-                                   trips=math.ceil(m / launch.constants["BLOCK_M"])),
-               lambda: diff_linear.gated_linear_grad_weight(_meta(m, n, dtype=bf16), _meta(m, k, dtype=bf16),
-                                                            _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0,
-                                                            1e-3),
-               lambda launch: 0)
-        nnz = round(MASK_DENSITY * n * k)
-        record(f"sddmm (fixed mask, {MASK_DENSITY:.1%})", shape, lambda launch: sddmm_work(m, n, k, nnz),
-               lambda: sddmm.sddmm(_meta(m, n, dtype=bf16), _meta(m, k, dtype=bf16), _meta(nnz, dtype=torch.int64),
-                                   k), lambda launch: 0)
-
-    entries = 1_700_000  # BERT-large's 393 tensors at 0.5% (335M parameters)
-    table = _meta(393, dtype=torch.int64)
-    ids, index, values = _meta(entries, dtype=torch.int32), _meta(entries, dtype=torch.int32), _meta(entries)
-    saved = _meta(entries, dtype=bf16)
-    per_entry = lambda launch: launch.constants["BLOCK"] // launch.threads  # noqa: E731
-    record("scatter_apply bf16 (switch in)", f"{entries} entries",
-           lambda _: Work(bytes=entries * (4 + 4 + 4 + 2 + 2 + 2 + 2 * 30), elements=entries),
-           lambda: scatter.scatter_apply(None, table, ids, index, values, None, saved), per_entry)
-    record("scatter_restore bf16 (switch out)", f"{entries} entries",
-           lambda _: Work(bytes=entries * (4 + 4 + 2 + 2 * 30), elements=entries),
-           lambda: scatter.scatter_restore(None, table, ids, index, None, saved), per_entry)
-    return rows
+            cases.append(_gate_case(f"gate_forward {mode} apply bf16", n_out, k_in, backward=False,
+                                    training=training))
+            cases.append(_gate_case(f"gate_backward {mode} bf16 g, L0", n_out, k_in, backward=True,
+                                    training=training))
+        cases.append(_gate_case("gate_forward train z (sample_gates)", n_out, k_in, backward=False, apply=False))
+        cases.append(_gate_case("gate_forward train apply bf16, beta=2/3", n_out, k_in, backward=False,
+                                gate=(-0.1, 1.1, 2 / 3)))
+    return cases
 
 
-def sddmm_work(m: int, n: int, k: int, nnz: int) -> Work:
-    """The sampled dY^T X: dY (M, N) and X (M, K) read from DRAM once; each entry's M-long dot reads
-    its X column and dY column again from L2 (2 B each per token, bf16); 2 M nnz FLOPs on CUDA cores."""
-    return Work(bytes=2 * m * (n + k) + nnz * (8 + 4), l2_bytes=nnz * m * 2 * 2)
+# DESIGN.md, H100: a plain autotuned Triton GEMM took 1.25 ms where cuBLAS took 0.96 ms at
+# 8192 x 4096 -> 11008: Triton's tl.dot kernels reach 77% of the tensor rate the model assumes.
+TRITON_TENSOR_EFFICIENCY = 0.96 / 1.25
 
 
-def dense_gemm_us(gpu: Gpu, m: int, n: int, k: int) -> float:
-    """cuBLAS-like GEMM time: FLOPs at the measured tensor rate (+ one launch)."""
-    return (2.0 * m * n * k / gpu.tensor_flops + LAUNCH_S) * 1e6
+@contextlib.contextmanager
+def _fp32_matmul_precision(precision: str):
+    """torch's fp32 matmul precision ("tf32" or "ieee"), which the fused kernels follow, for the block."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def fused_cases(m: int, k: int, n: int, dtype=BF16) -> dict[str, list[Case]]:
+    """Each fused GEMM's every autotuning config at M x K -> N (one Case per config), activations
+    and base in `dtype` (fp32: TF32 dots, as torch's default fp32_precision="tf32" would take)."""
+    diff_linear = importlib.import_module("dpkernels.backends.triton.diff_linear")
+    shape = f"{m}x{k}->{n}" + ("" if dtype == BF16 else f" {str(dtype).split('.')[-1]}")
+    size = torch.finfo(dtype).bits // 8
+    weight_bytes = n * k * (size + 4 + 4)  # theta0, diff, log_alpha: read at least once
+    flops = 2.0 * m * n * k / TRITON_TENSOR_EFFICIENCY  # tensor work at the rate Triton reaches
+    if dtype == torch.float32:
+        flops *= 2  # TF32 runs at half the bf16 rate
+
+    def matmul_work(reduction, out_elems):
+        return lambda launch: Work(bytes=weight_bytes + size * (m * k + out_elems), flops=flops,
+                                   trips=math.ceil(reduction / launch.constants["BLOCK_Q"]))
+
+    return {
+        "forward": run_launcher("gated_linear forward (fused)", shape, lambda: diff_linear.gated_linear(
+            _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, k), _meta(n, k), _meta(n, dtype=dtype), 5, 0,
+            True, -1.5, 1.5, 1.0), matmul_work(k, m * n), per_config=True),
+        "dX": run_launcher("gated_linear dX (fused)", shape, lambda: diff_linear.gated_linear_grad_input(
+            _meta(m, n, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0),
+                           matmul_work(n, m * k), per_config=True),
+        "dW": run_launcher("gated_linear dW routed (fused)", shape, lambda: diff_linear.gated_linear_grad_weight(
+            _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype), _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0,
+            1e-3), lambda launch: Work(bytes=n * k * 16 + size * m * (n + k), flops=flops,
+                                       trips=math.ceil(m / launch.constants["BLOCK_M"])), per_config=True),
+    }
+
+
+def sddmm_case(m: int, k: int, n: int, density: float = MASK_DENSITY) -> Case:
+    """The Triton sddmm's launches at M x K -> N, plus the two transposes it makes (torch copies).
+
+    Per launch of T tokens: dY^T's and X^T's chunks come from DRAM once; from L2, each entry's
+    X^T row (2 B a token) and, per program, its entries' distinct dY^T rows (sorted entries: about
+    BLOCK_J / (density K) rows, plus one across a program's boundary)."""
+    module = importlib.import_module("dpkernels.backends.triton.sddmm")
+    shape = f"{m}x{k}->{n}, {density:.1%}"
+    nnz = round(density * n * k)
+
+    def work(launch):
+        tokens = launch.scalars["m_end"] - launch.scalars["m_start"]
+        block_j = launch.constants["BLOCK_J"]
+        rows_per_program = block_j / (density * k) + 1
+        dy_l2 = math.ceil(nnz / block_j) * rows_per_program * tokens * 2
+        return Work(bytes=2 * tokens * (n + k) + nnz * (8 + 4 + 4), l2_bytes=nnz * tokens * 2 + dy_l2,
+                    trips=math.ceil(tokens / launch.constants["BLOCK_M"]))
+
+    choice = module.gathers_cheaper
+    module.gathers_cheaper = lambda *shape: True  # the kernel's launches, whatever the launcher would pick
+    try:
+        (case,) = run_launcher(f"sddmm (fixed mask, {density:.1%})", shape, lambda: module.sddmm(
+            _meta(m, n, dtype=BF16), _meta(m, k, dtype=BF16), _meta(nnz, dtype=torch.int64), k), work)
+    finally:
+        module.gathers_cheaper = choice
+    transposes = modelled("transpose dY and X (sddmm's inputs)", shape, bytes=2 * 2 * m * (n + k))
+    return Case(case.op, shape, transposes.rows + case.rows)
+
+
+def scatter_cases() -> list[Case]:
+    scatter = importlib.import_module("dpkernels.backends.triton.scatter")
+    e = SWITCH_ENTRIES
+    table, ids, index, values = (_meta(393, dtype=torch.int64), _meta(e, dtype=torch.int32),
+                                 _meta(e, dtype=torch.int32), _meta(e))
+    saved = _meta(e, dtype=BF16)
+    # Per entry: id, index, value (4 B each), the saved base (2 B); the target read and written:
+    # a scattered 2-byte access costs a 32-byte sector each way.
+    shape = f"{e} entries"
+    return (run_launcher("scatter_apply bf16 (switch in)", shape,
+                         lambda: scatter.scatter_apply(None, table, ids, index, values, None, saved),
+                         lambda _: Work(bytes=e * (4 + 4 + 4 + 2 + 2 * 32), elements=e), _elementwise)
+            + run_launcher("scatter_restore bf16 (switch out)", shape,
+                           lambda: scatter.scatter_restore(None, table, ids, index, None, saved),
+                           lambda _: Work(bytes=e * (4 + 4 + 2 + 2 * 32), elements=e), _elementwise))
 
 
 # ----------------------------------------------------------------------------------------------
-# The CUDA extension's kernels, from its sm_90 build.
+# The CUDA extension's kernels, from its sm_90 build (dpkernels/_C).
 
+CUDA_VEC = 4  # csrc/packs.cuh kVec: elements per pack, one pack per grid-stride iteration
+CUDA_THREADS = 256
 _CUDA_KERNELS = {
-    # mangled-name fragment: (op, work per element in bytes, kernel's elements per loop iteration)
+    # mangled-name fragment: (op, bytes per element)
     "gate_forward_kernelI13__nv_bfloat16S2_Lb1E": ("gate_forward apply bf16", 12),
     "gate_forward_kernelIffLb0E": ("gate_forward z (sample_gates)", 8),
     "gate_backward_kernelI13__nv_bfloat16E": ("gate_backward bf16 g", 18),
-    "scatter_kernelItiLb1E": ("scatter_apply bf16 (switch in)", 18 + 60),
-    "scatter_kernelItiLb0E": ("scatter_restore bf16 (switch out)", 10 + 60),
 }
-CUDA_VEC = 4  # csrc/packs.cuh kVec: elements per pack, one pack per grid-stride iteration
-CUDA_THREADS = 256
 
 
 def _extension_path() -> str | None:
-    import importlib.util
-
     spec = importlib.util.find_spec("dpkernels._C")
     return spec.origin if spec is not None else None
 
 
-def _cuda_rows() -> list[Row]:
+def cuda_cases() -> list[Case]:
+    """The extension's gate kernels at 4096 x 11008: the grid-stride loop's body (the largest loop
+    holding a global load) counted per pack of CUDA_VEC elements."""
     path = _extension_path()
     if path is None:
         return []
-    rows = []
     functions = disassemble(path)
     n = 4096 * 11008
+    cases = []
     for fragment, (op, per_element) in _CUDA_KERNELS.items():
         matches = [f for name, f in functions.items() if fragment in name]
         if not matches:
             raise RuntimeError(f"the CUDA extension has no kernel matching {fragment!r}")
-        fn = matches[0]
-        elements = 1_700_000 if op.startswith("scatter") else n
-        ctas = math.ceil(elements / CUDA_VEC / CUDA_THREADS)
-        trips = 1  # a grid-stride loop: with one pack per thread the loop body runs once
-        work = Work(bytes=elements * per_element, elements=elements, trips=trips, loop_marker="LDG")
-        rows.append(analyse(op, "cuda", f"kVec={CUDA_VEC}, {CUDA_THREADS} threads", "4096x11008"
-                            if not op.startswith("scatter") else f"{elements} entries", fn, threads=CUDA_THREADS,
-                            ctas=ctas, work=work, per_thread_units=CUDA_VEC))
-    return rows
-
-
-def collect() -> list[Row]:
-    return _triton_rows() + _cuda_rows()
+        ctas = math.ceil(n / CUDA_VEC / CUDA_THREADS)
+        work = Work(bytes=n * per_element, elements=n, loop_marker="LDG")
+        cases.append(Case(op, "4096x11008", [analyse(op, "cuda", f"kVec={CUDA_VEC}, {CUDA_THREADS} threads",
+                                                     "4096x11008", matches[0], threads=CUDA_THREADS, ctas=ctas,
+                                                     work=work, per_thread_units=CUDA_VEC)]))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------
-# Output.
+# DESIGN.md's per-layer targets (fwd + bwd incl. the L0 gradient, bf16), predicted.
+
+
+@dataclass
+class Target:
+    shape: str
+    provider: str
+    h100_us: float
+    h200_us: float
+    linear_h100_us: float
+    target: float  # ratio to nn.Linear on an H100 (DESIGN.md's targets are H100 figures)
+    steps: str
+
+    @property
+    def ratio(self) -> float:
+        return self.h100_us / self.linear_h100_us
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.target
+
+
+def layer_targets(fused: dict, sddmm: dict, gates_by_shape: dict) -> list[Target]:
+    """nn.Linear (3 cuBLAS GEMMs) against each diff-pruning path, per DESIGN.md shape."""
+    out = []
+    for m, k, n in LINEAR_SHAPES:
+        shape = f"{m}x{k}->{n}"
+        gemm = modelled("GEMM", shape, flops=2.0 * m * n * k)
+        linear = [gemm] * 3
+        apply_, route = gates_by_shape[(n, k)]
+        unfused = [apply_] + linear + [route]
+        fwd, dx, dw = (min(fused[shape][part], key=lambda c: c.us(H200)) for part in ("forward", "dX", "dW"))
+        masked_weight = modelled("masked weight (theta0 copy + scatter)", shape,
+                                 bytes=n * k * (2 + 2) + round(MASK_DENSITY * n * k) * (8 + 4 + 2 * 32))
+        fixed = None
+        if shape in sddmm:
+            gathers, dense, launcher_picks_gathers = sddmm[shape]
+            fixed = [masked_weight, gemm, gemm, gathers if launcher_picks_gathers else dense]
+        auto_fused = m <= ops_fused_max_tokens()
+        paths = {"unfused (gate pass + cuBLAS + routing pass)": unfused,
+                 "fused (gates inside Triton GEMMs)": [fwd, dx, dw],
+                 "auto (ops.diff_linear's choice)": [fwd, dx, dw] if auto_fused else unfused}
+        if fixed:
+            paths["fixed-mask stage (0.5%)"] = fixed
+        linear_h100 = sum(c.us(H100) for c in linear)
+        out.append(Target(shape, "nn.Linear (full finetuning)", linear_h100, sum(c.us(H200) for c in linear),
+                          linear_h100, 1.0, "3 GEMMs"))
+        for name, steps in paths.items():
+            target = 1.0 if name.startswith("fixed") else (1.10 if m >= 8192 else 2.0)
+            out.append(Target(shape, name, sum(c.us(H100) for c in steps), sum(c.us(H200) for c in steps),
+                              linear_h100, target, " + ".join(c.op for c in steps)))
+    return out
+
+
+def ops_fused_max_tokens() -> int:
+    return importlib.import_module("dpkernels.ops").FUSED_MAX_TOKENS
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything, and the output.
+
+
+@dataclass
+class Report:
+    cases: list[Case]
+    targets: list[Target]
+    sddmm_choices: dict  # shape -> whether the launcher picks its gathers (over GEMM + gather) at 0.5%
+
+    @property
+    def rows(self) -> list[Row]:
+        return [r for c in self.cases for r in c.rows]
+
+
+def collect() -> Report:
+    cases = gate_cases()
+    gates_by_shape = {(n, k): (_gate_case("gate_forward train apply bf16", n, k, backward=False),
+                               _gate_case("gate_backward train bf16 g, L0", n, k, backward=True))
+                      for _, k, n in LINEAR_SHAPES}
+    fused, sddmm = {}, {}
+    sddmm_module = importlib.import_module("dpkernels.backends.triton.sddmm")
+    for m, k, n in LINEAR_SHAPES:
+        shape = f"{m}x{k}->{n}"
+        fused[shape] = fused_cases(m, k, n)
+        cases += [c for part in fused[shape].values() for c in part]
+        if m >= 512:
+            nnz = round(MASK_DENSITY * n * k)
+            gathers = sddmm_case(m, k, n)
+            dense = modelled("dense dY^T X GEMM (cuBLAS)", shape, flops=2.0 * m * n * k, bytes=nnz * (8 + 4 + 32))
+            sddmm[shape] = (gathers, dense, sddmm_module.gathers_cheaper(m, n, k, nnz))
+            cases += [gathers, dense]
+    m, k, n = 512, 4096, 4096  # fp32 activations: TF32 dots (no spill allowed), IEEE dots (reported)
+    for precision in ("tf32", "ieee"):
+        with _fp32_matmul_precision(precision):
+            for part in fused_cases(m, k, n, torch.float32).values():
+                for case in part:
+                    case.op += f" fp32-{precision}"
+                    for row in case.rows:
+                        row.op = case.op
+                cases += part
+    cases += scatter_cases() + cuda_cases()
+    choices = {shape: picks for shape, (_, _, picks) in sddmm.items()}
+    return Report(cases, layer_targets(fused, sddmm, gates_by_shape), choices)
+
 
 COLUMNS = ("kernel", "regs", "spill B", "smem KB", "CTAs/SM", "access B", "instr/unit", "MUFU/unit", "instr/MFLOP",
            "H200 us", "H100 us", "bound")
 
 
-def table(rows: list[Row]) -> str:
+def kernel_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [r.name, r.registers, r.stack, f"{r.shared / 1024:.0f}", r.ctas_per_sm,
@@ -331,15 +508,31 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def target_table(targets: list[Target]) -> str:
+    lines = ["| shape | provider | H100 us | x nn.Linear | target | met | H200 us | steps |", "|" + "---|" * 8]
+    for t in targets:
+        lines.append(f"| {t.shape} | {t.provider} | {t.h100_us:.0f} | {t.ratio:.2f} | {t.target:.2f} | "
+                     f"{'yes' if t.met else 'no'} | {t.h200_us:.0f} | {t.steps} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write the rows as JSON to this file")
+    parser.add_argument("--json", help="write the rows and targets as JSON to this file")
     args = parser.parse_args(argv)
-    rows = collect()
-    print(table(rows))
+    report = collect()
+    print("Predicted per launch (sm_90 builds; a model, not a measurement):\n")
+    print(kernel_table(report.rows))
+    print("\nPredicted per layer, forward + backward (DESIGN.md's targets are ratios on an H100):\n")
+    print(target_table(report.targets))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) | {"name": r.name} for r in rows], f, indent=1)
+            json.dump({"rows": [asdict(r) | {"name": r.name} for r in report.rows],
+                       "cases": [{"op": c.op, "shape": c.shape, "h200_us": c.us(H200), "h100_us": c.us(H100)}
+                                 for c in report.cases],
+                       "targets": [asdict(t) | {"ratio": t.ratio, "met": t.met} for t in report.targets],
+                       "sddmm_choices": report.sddmm_choices, "gpus": {g.name: asdict(g) for g in (H200, H100)}},
+                      f, indent=1)
     return 0
 
 

@@ -1,8 +1,10 @@
 """Fixed-mask finetuning: the sampled weight gradient (sddmm) and fixed_mask_linear vs float64."""
 
+import importlib
+
 import pytest
 import torch
-from conftest import assert_close_by_rule
+from conftest import TRITON_DEVICES, assert_close_by_rule
 from torch import nn
 
 import dpkernels
@@ -18,10 +20,18 @@ def _mask(n, k, density, gen, dense_row=False):
     return index.unique().sort().values
 
 
+@pytest.fixture
+def triton_sddmm_module():
+    return importlib.import_module("dpkernels.backends.triton.sddmm")
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 341, 9), (341, 9, 341), (0, 9, 9), (130, 64, 48)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_sddmm_matches_dense_product_at_the_mask(device_backend, m, k, n, dtype):
-    device, _ = device_backend
+def test_sddmm_matches_dense_product_at_the_mask(device_backend, m, k, n, dtype, monkeypatch):
+    device, backend = device_backend
+    if backend == "triton":  # the kernel's gathers at this test's 20% density (test_triton_sddmm_paths: the GEMM)
+        monkeypatch.setattr(importlib.import_module("dpkernels.backends.triton.sddmm"), "gathers_cheaper",
+                            lambda *shape: True)
     gen = torch.Generator().manual_seed(m + k + n)
     gy = torch.randn(m, n, generator=gen).to(device, dtype)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
@@ -31,6 +41,27 @@ def test_sddmm_matches_dense_product_at_the_mask(device_backend, m, k, n, dtype)
     oracle = (gy.double().t() @ x.double()).reshape(-1)[index]
     same_dtype = (gy.float().t() @ x.float()).reshape(-1)[index]
     scale = (gy.double().abs().t() @ x.double().abs()).max().item() if m else 0.0
+    assert_close_by_rule(out, same_dtype, oracle, 4 * EPS32 * scale, "sddmm")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("path", ["gathers", "gathers in token chunks", "dense GEMM"])
+@pytest.mark.parametrize("m,k,n", [(300, 37, 29), (1, 64, 16)])
+def test_triton_sddmm_paths(device, path, m, k, n, monkeypatch, triton_sddmm_module):
+    """Every path of the Triton sddmm: one launch, several token chunks adding up in order, and the
+    dense GEMM + gather where gathers_cheaper says no."""
+    monkeypatch.setattr(triton_sddmm_module, "gathers_cheaper", lambda *shape: path != "dense GEMM")
+    if path == "gathers in token chunks":
+        monkeypatch.setattr(triton_sddmm_module, "CHUNK_BYTES", 1)  # BLOCK_M (128) tokens a launch
+        assert triton_sddmm_module.tokens_per_launch(m, k, 2) == min(m, 128)
+    gen = torch.Generator().manual_seed(m * k + n)
+    gy = torch.randn(m, n, generator=gen).to(device, torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+    index = _mask(n, k, 0.3, gen, dense_row=True).to(device)
+    out = triton_sddmm_module.sddmm(gy, x, index, k)
+    oracle = (gy.double().t() @ x.double()).reshape(-1)[index]
+    same_dtype = (gy.float().t() @ x.float()).reshape(-1)[index]
+    scale = (gy.double().abs().t() @ x.double().abs()).max().item()
     assert_close_by_rule(out, same_dtype, oracle, 4 * EPS32 * scale, "sddmm")
 
 

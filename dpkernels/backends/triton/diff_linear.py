@@ -60,7 +60,7 @@ def _configs(names: tuple[str, ...], sizes) -> list[triton.Config]:
 # Forward / dX GEMM: (rows, cols, reduction, warps, stages), small row blocks for decoding-sized M.
 # Weight gradient: (rows, cols, tokens, epilogue slices, warps, stages). The gate draw (Philox,
 # ~10 live registers per element) bounds the tile a thread may hold: in sm_90 builds
-# (tests/test_triton_sm90.py) larger tiles or fewer warps spill to local memory, e.g. 128x128x64
+# (tests/test_static_budgets.py) larger tiles or fewer warps spill to local memory, e.g. 128x128x64
 # with 8 warps (784 B of stack per thread in the forward GEMM, 1.5 KB in the weight gradient).
 # The forward rebuilds at most 8 weight elements per thread (BLOCK_Q * BLOCK_P / threads): with 16,
 # Triton 3.8 stays under 255 registers (194-248) but Triton 3.6, the GPU image's, spills 80 B in
@@ -195,7 +195,8 @@ def _gated_wgrad_kernel(
             _route_store(left, rn, col0 + tl.arange(0, BLOCK_K // 2), N, K, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr,
                          GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
             _route_store(right, rn, col0 + BLOCK_K // 2 + tl.arange(0, BLOCK_K // 2), N, K, DIFF_ptr, LA_ptr,
-                         GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE, HAS_L0)
+                         GRAD_DIFF_ptr, GRAD_LA_ptr, seed, offset, l, r, beta, l0_lambda, l0_shift, TRAINING, BETA_ONE,
+                         HAS_L0)
         else:
             q: tl.constexpr = BLOCK_K // 4
             q0, q1 = _halves(left, BLOCK_N, BLOCK_K // 2)
@@ -298,7 +299,8 @@ def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r
         a, theta0, diff, log_alpha, bias if bias is not None else out, out, m, p, q, _bucket(m),
         a.stride(0), a.stride(1), *strides, out.stride(0), out.stride(1),
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
-        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, PRECISION=precision, GROUP_M=8,
+        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+        PRECISION=precision, GROUP_M=8,
         **blocks,
     )
     return out
@@ -336,7 +338,8 @@ def gated_linear_grad_weight(grad_y, x, diff, log_alpha, seed, offset, training,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
         float(l0_lambda), _l0_shift(l, r, beta),
-        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_L0=bool(l0_lambda), DOT_FP32=dot_fp32, PRECISION=precision, GROUP_N=8,
+        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_L0=bool(l0_lambda), DOT_FP32=dot_fp32,
+        PRECISION=precision, GROUP_N=8,
         **blocks,
     )
     return grad_diff, grad_log_alpha

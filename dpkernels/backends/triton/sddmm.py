@@ -2,11 +2,17 @@
 
     out[j] = sum_m dY[m, row_j] * X[m, col_j],     row_j = index_j // K,  col_j = index_j % K
 
-The mask is sorted, so its entries group by output row (CSR). One program per output row reads
-that row of dY^T once per M-chunk and dots it with the gathered rows X^T[col_j] of the row's
-entries. dY and X are transposed first so that every gathered row is contiguous in M (coalesced
-loads); FLOPs are 2 M nnz, about 0.5% of the dense dY^T X at 0.5% density, and the traffic is one
-pass over dY plus nnz gathered X^T rows (mostly L2 hits when columns repeat across rows).
+Each program takes BLOCK_J consecutive entries of the sorted mask (a fixed-size chunk: the same
+work per program whatever the rows' fill) and dots, BLOCK_M tokens at a time, the rows dY^T[row_j]
+and X^T[col_j] (transposed once per call so that each gathered row is contiguous in M: coalesced
+16-byte loads). Sorted entries share their dY^T rows (about 20 per row at 0.5% of 4096 columns),
+so the rows of dY^T are read about once; each entry reads its own X^T row. The tokens are taken
+in chunks of CHUNK_BYTES of X^T, one launch each, in order: a chunk of X^T stays in L2 while every
+program gathers from it (the whole of X^T, 67 MB at 8192 x 4096 in bf16, would not). Later chunks
+add to the first's sums (fixed order: the result is deterministic).
+
+Where the mask is dense enough, one GEMM with an fp32 output and a gather cost less than the
+gathers: ``gathers_cheaper`` decides by the cost model, per shape.
 """
 
 from __future__ import annotations
@@ -19,52 +25,95 @@ from .device_guard import on_tensor_device
 
 _BLOCK_J = 32
 _BLOCK_M = 128
+_NUM_WARPS = 4
+# Tokens per launch: X^T's chunk of this many bytes stays resident in L2 (50-60 MB on Hopper),
+# beside the streamed dY^T rows.
+CHUNK_BYTES = 16 << 20
+# The cost model's constants (benchmarks/static.py's H200; tests/test_static_budgets.py holds them
+# equal): L2 -> SM and DRAM bytes per second, bf16 tensor FLOPs per second.
+L2_BANDWIDTH, DRAM_BANDWIDTH, TENSOR_FLOPS = 6.0e12, 4.3e12, 788e12
 
 
-@triton.jit
-def _sddmm_row_kernel(
+def gathers_cheaper(m: int, n: int, k: int, nnz: int) -> bool:
+    """Whether the kernel's gathers are predicted faster than one GEMM + gather at M x K -> N.
+
+    Per token, the gathers move 2 B of X^T per entry from L2 (the dY^T rows, shared by a row's
+    entries, add little) and the transposes 2 x 2 B per element of dY and X through DRAM; the GEMM
+    does 2 N K FLOPs. So the gathers win below a density of about (L2 / tensor rate) (1 - transposes /
+    GEMM): ~0.66% at 4096 -> 11008, ~0.3% at 768 -> 3072 (where the transposes are 60% of the GEMM).
+    The same for fp32 inputs: twice the bytes, half the (TF32) rate."""
+    gathers = 2.0 * nnz * m / L2_BANDWIDTH + 4.0 * m * (n + k) / DRAM_BANDWIDTH
+    return gathers < 2.0 * m * n * k / TENSOR_FLOPS
+
+
+@triton.jit(do_not_specialize=["nnz"])
+def _sddmm_kernel(
     DYT_ptr,  # dY^T, (N, M), any float dtype, rows contiguous
     XT_ptr,  # X^T, (K, M), any float dtype, rows contiguous
-    COLS_ptr,  # column of each masked entry (int64), sorted by row
-    ROW_PTR_ptr,  # CSR row pointers (int64), N + 1 entries
-    OUT_ptr,  # out: fp32 gradient per masked entry
-    M,  # tokens (reduction length)
+    INDEX_ptr,  # int64 flat index row * K + col of each entry, sorted
+    OUT_ptr,  # fp32 gradient per entry: written (first chunk) or accumulated into
+    nnz,  # number of entries
+    K,  # in_features: row = index // K, col = index % K
+    m_start,  # first token of this launch's chunk
+    m_end,  # one past its last token
     stride_dyt,  # row stride of dY^T
     stride_xt,  # row stride of X^T
-    BLOCK_J: tl.constexpr,  # entries per inner tile
-    BLOCK_M: tl.constexpr,  # tokens per inner tile
+    ACCUMULATE: tl.constexpr,  # add to OUT (chunks after the first)
+    BLOCK_J: tl.constexpr,  # entries per program
+    BLOCK_M: tl.constexpr,  # tokens per step
 ):
-    row = tl.program_id(0).to(tl.int64)
-    start = tl.load(ROW_PTR_ptr + row)
-    end = tl.load(ROW_PTR_ptr + row + 1)
-    for j0 in range(start, end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_mask = j < end
-        cols = tl.load(COLS_ptr + j, mask=j_mask, other=0)
-        acc = tl.zeros([BLOCK_J], dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            m = m0 + tl.arange(0, BLOCK_M)
-            m_mask = m < M
-            dy = tl.load(DYT_ptr + row * stride_dyt + m, mask=m_mask, other=0.0).to(tl.float32)
-            x = tl.load(XT_ptr + cols[:, None] * stride_xt + m[None, :], mask=j_mask[:, None] & m_mask[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(x * dy[None, :], axis=1)
-        tl.store(OUT_ptr + j, acc, mask=j_mask)
+    j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_in = j < nnz
+    index = tl.load(INDEX_ptr + j, mask=j_in, other=0)
+    rows = index // K
+    cols = index - rows * K
+    dy_rows = DYT_ptr + rows[:, None] * stride_dyt
+    x_rows = XT_ptr + cols[:, None] * stride_xt
+    acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)  # reduced once, after the loop
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        inside = j_in[:, None] & (m < m_end)[None, :]
+        dy = tl.load(dy_rows + m[None, :], mask=inside, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + m[None, :], mask=inside, other=0.0).to(tl.float32)
+        acc += dy * x
+    total = tl.sum(acc, axis=1)
+    if ACCUMULATE:
+        total += tl.load(OUT_ptr + j, mask=j_in, other=0.0)
+    tl.store(OUT_ptr + j, total, mask=j_in)
+
+
+def tokens_per_launch(m: int, k: int, itemsize: int) -> int:
+    """Tokens of one launch: a multiple of BLOCK_M whose X^T chunk fits CHUNK_BYTES (at least one step)."""
+    steps = max(1, CHUNK_BYTES // (k * itemsize * _BLOCK_M))
+    return min(m, steps * _BLOCK_M)
+
+
+def _dense(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(dY^T X)[index] by one GEMM with an fp32 output (bf16/fp16 inputs multiply on tensor cores)."""
+    if grad_y.is_cuda and grad_y.dtype in (torch.bfloat16, torch.float16) and grad_y.dtype == x.dtype:
+        full = torch.mm(grad_y.t(), x, out_dtype=torch.float32)
+    else:
+        full = grad_y.float().t() @ x.float()
+    return full.view(-1)[index]
 
 
 @on_tensor_device
 def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:
     """Launcher: grad_y (M, N), x (M, K), index sorted unique flat indices into (N, K) -> fp32 (nnz,)."""
-    n_rows = grad_y.shape[1]
-    out = torch.empty(index.numel(), dtype=torch.float32, device=index.device)
-    if index.numel() == 0:
+    m, n_rows = grad_y.shape
+    nnz = index.numel()
+    out = torch.empty(nnz, dtype=torch.float32, device=index.device)
+    if nnz == 0:
         return out
-    if grad_y.shape[0] == 0:
+    if m == 0:
         return out.zero_()
-    rows = index // in_features
-    cols = (index % in_features).contiguous()
-    row_ptr = torch.searchsorted(rows, torch.arange(n_rows + 1, device=index.device, dtype=index.dtype))
+    if not gathers_cheaper(m, n_rows, in_features, nnz):
+        return _dense(grad_y, x, index)
     dyt, xt = grad_y.t().contiguous(), x.t().contiguous()
-    _sddmm_row_kernel[(n_rows,)](dyt, xt, cols, row_ptr, out, grad_y.shape[0], dyt.stride(0), xt.stride(0),
-                                 BLOCK_J=_BLOCK_J, BLOCK_M=_BLOCK_M)
+    chunk = tokens_per_launch(m, in_features, xt.element_size())
+    grid = (triton.cdiv(nnz, _BLOCK_J),)
+    for m_start in range(0, m, chunk):
+        _sddmm_kernel[grid](dyt, xt, index, out, nnz, in_features, m_start, min(m, m_start + chunk), dyt.stride(0),
+                            xt.stride(0), ACCUMULATE=m_start > 0, BLOCK_J=_BLOCK_J, BLOCK_M=_BLOCK_M,
+                            num_warps=_NUM_WARPS)
     return out
