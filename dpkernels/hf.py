@@ -433,8 +433,9 @@ def finetune_baseline(task, *, method: str = "full", model: str | Path | None = 
         (the newly initialised classifier only: a linear probe).
     lr: default 5e-5 (full), 2e-4 (last_layer), 1e-3 (head): the usual BERT values, not tuned for
         any task. AdamW, linear warmup (``warmup_ratio`` of the steps) and decay, gradient norm
-        clipped to ``grad_clip``. The quality report passes a full-finetuning lr picked on the
-        validation split instead (2e-4 on the embedded default: see benchmarks/RESULTS.md).
+        clipped to ``grad_clip``. ``dpkernels baseline`` and the quality report pass
+        ``dpkernels.pipeline.BASELINE_LRS`` instead (full finetuning at 1e-4, picked on the
+        validation split of the embedded default: see benchmarks/RESULTS.md).
     device: default CUDA when available, else CPU.
     ``torch.manual_seed(seed)`` initialises the head and dropout; batches are shuffled with a
     generator seeded by ``seed``. Returns a dict: method, trainable / total parameters, steps,

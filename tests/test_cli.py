@@ -159,11 +159,144 @@ def test_finetune_then_eval_end_to_end(tiny_model, toy_csv, tmp_path, capsys):
         moved.rename(tiny_model)
 
 
+def _toy_split_files(toy_csv, folder):
+    """toy.csv's first 80 rows (plus one repeating a test row) as train.csv, the last 20 as test.csv."""
+    header, *rows = Path(toy_csv).read_text().splitlines()
+    train, test = folder / "train.csv", folder / "test.csv"
+    train.write_text("\n".join([header, *rows[:80], rows[90]]) + "\n")
+    test.write_text("\n".join([header, *rows[80:]]) + "\n")
+    return train, test
+
+
+def test_finetune_on_own_split_files_then_eval_them(tiny_model, toy_csv, tmp_path, capsys):
+    train, test = _toy_split_files(toy_csv, tmp_path)
+    diff, summary_path = tmp_path / "task.safetensors", tmp_path / "summary.json"
+    code, out, err = run_cli(["finetune", "--model", tiny_model, "--train", train, "--test", test, "--max-examples",
+                              "60", "--max-length", "16", "--batch-size", "8", "--sparsity", "10%", "--diff-lr",
+                              "0.01", "--fixed-lr", "0.01", "--head-lr", "0.01", "--l0-epochs", "2",
+                              "--fixed-epochs", "2", "--no-progress", "--device", "cpu", "--output", diff,
+                              "--json", summary_path], capsys)
+    assert code == 0, err
+    summary = json.loads(summary_path.read_text())
+    # The row repeating a test text is dropped from --train, 60 of the other 80 are kept, 10% of
+    # them (stratified) is the validation split, and the test file is used whole.
+    assert summary["examples"] == {"train": 54, "validation": 6, "test": 20}
+    assert f"  train file           {train}\n" in out and f"  test file            {test}\n" in out
+    assert "  split                validation 6 rows split from --train (stratified, seed 0)\n" in out
+    assert "  subsampled           60 of 80 rows of --train (--max-examples 60; 'all' keeps every row)\n" in out
+    assert ("  rows dropped         1 from --train (text also in the test file); --no-dedup keeps repeated texts\n"
+            in out)
+
+    # The diff records the split files: eval rebuilds the same splits without options.
+    for split, key in (("test", "accuracy_test"), ("validation", "accuracy_validation")):
+        code, out, err = run_cli(["eval", diff, "--split", split, "--device", "cpu", "--json", tmp_path / "r.json"],
+                                 capsys)
+        assert code == 0, err
+        result = json.loads((tmp_path / "r.json").read_text())
+        assert result["accuracy"] == summary[key] and result["examples"] == summary["examples"][split]
+        assert (f"{test} (--test), 20 examples" if split == "test" else f"validation split of {train}, 6 examples") \
+            in out
+
+    # --all-rows scores every row of a file: the test file, used whole, gives the test accuracy again.
+    code, out, err = run_cli(["eval", diff, "--data", test, "--all-rows", "--device", "cpu", "--json",
+                              tmp_path / "all.json"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "all.json").read_text())
+    assert result["accuracy"] == summary["accuracy_test"] and result["examples"] == 20
+    assert result["split"] == "all rows" and f"{test}, every row: 20 rows" in out
+    assert f"  accuracy   {100 * summary['accuracy_test']:.2f}%" in out
+    # Another test file in place of the recorded one: scored whole, the recorded training rows fix the labels.
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join(Path(test).read_text().splitlines()[:11]) + "\n")
+    code, out, err = run_cli(["eval", diff, "--test", small, "--device", "cpu", "--json", tmp_path / "s.json"],
+                             capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["eval", diff, "--data", small, "--all-rows", "--device", "cpu", "--json",
+                              tmp_path / "all.json"], capsys)
+    assert code == 0, err
+    replaced, whole = (json.loads((tmp_path / name).read_text()) for name in ("s.json", "all.json"))
+    assert replaced["examples"] == whole["examples"] == 10 and replaced["accuracy"] == whole["accuracy"]
+    assert replaced["config"]["train_file"] == str(train) and replaced["config"]["test_file"] == str(small)
+    # ... every row, repeated ones too, and rows without a label are counted as skipped.
+    train.write_text(train.read_text() + "no label here,\n")
+    code, out, err = run_cli(["eval", diff, "--data", train, "--all-rows", "--device", "cpu", "--json",
+                              tmp_path / "all.json"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "all.json").read_text())["examples"] == 81
+    assert "every row: 81 rows (1 without a text or a label skipped)" in out
+    # A file with labels the task does not know is refused, naming the file and the labels.
+    other = tmp_path / "other.csv"
+    other.write_text(Path(test).read_text().replace(",neg", ",meh"))
+    code, out, err = run_cli(["eval", diff, "--data", other, "--all-rows"], capsys)
+    assert code == 2 and f"{other}: label(s) ['meh'] are not among the labels of the task (['neg', 'pos'])" in err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("labels", "test.csv: label(s) ['meh'] are not among the labels of the training data"),
+    ("column", "validation.csv: found no label column"),
+    ("json", "train.jsonl, line 2: not valid JSON"),
+    ("emptied", "validation.csv: no rows left once those whose text is also in the test file"),
+])
+def test_bad_split_files_are_one_line_errors_before_training(case, message, tiny_model, toy_csv, tmp_path, capsys):
+    train, test = _toy_split_files(toy_csv, tmp_path)
+    files = ["--train", train, "--test", test]
+    if case == "labels":
+        test.write_text(test.read_text().replace(",neg", ",meh"))
+    elif case == "column":
+        validation = tmp_path / "validation.csv"
+        validation.write_text("text,target\nnice,pos\n")
+        files += ["--validation", validation]
+    elif case == "json":
+        jsonl = tmp_path / "train.jsonl"
+        jsonl.write_text('{"text": "a", "label": "pos"}\n{oops\n')
+        files[1] = jsonl
+    else:
+        validation = tmp_path / "validation.csv"
+        validation.write_text(test.read_text())
+        files = ["--data", toy_csv, "--validation", validation, "--test", test]
+    code, out, err = run_cli(["finetune", "--model", tiny_model, *files, "--no-progress", "--device", "cpu",
+                              "--output", tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "L0 stage" not in out
+
+
+def test_baseline_runs_from_the_package_on_finetunes_data_and_budget(tiny_model, toy_csv, tmp_path, monkeypatch,
+                                                                     capsys):
+    from dpkernels import hf, pipeline
+
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # no source checkout: `import benchmarks` fails
+    data = ["--model", tiny_model, "--data", toy_csv, "--max-examples", "all", "--max-length", "16"]
+    code, out, err = run_cli(["baseline", "--method", "last-layer", *data, "--epochs", "2", "--batch-size", "16",
+                              "--no-progress", "--device", "cpu", "--json", tmp_path / "b.json"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert "dpkernels baseline --method last-layer: summary" in out
+    for row in ("method", "model", "data", "examples", "split", "rows dropped", "test accuracy",
+                "validation accuracy", "trained parameters", "learning rate", "train time", "device"):
+        assert f"  {row}  " in out
+    assert summary["examples"] == {"train": 80, "validation": 10, "test": 10}  # finetune's split of the same options
+    assert summary["lr"] == pipeline.BASELINE_LRS["last_layer"] == 2e-4
+    # The same training as the library's baseline, called directly on that split.
+    cfg = pipeline.BaselineConfig(model=str(tiny_model), data=str(toy_csv), max_examples=None, max_length=16)
+    reference = hf.finetune_baseline(pipeline.load_task(cfg), method="last_layer", model=tiny_model, epochs=2,
+                                     lr=2e-4, batch_size=16, max_length=16, device="cpu", progress=False)
+    assert summary["accuracy_test"] == reference["test"]["accuracy"]
+    assert summary["train_loss"] == reference["train_loss"]
+    assert summary["trained_parameters"] == reference["trainable_params"] < summary["total_parameters"]
+
+    code, out, err = run_cli(["baseline", *data, "--epochs", "1", "--no-progress", "--device", "cpu", "--json",
+                              tmp_path / "f.json"], capsys)
+    assert code == 0, err
+    full = json.loads((tmp_path / "f.json").read_text())
+    assert full["method"] == "full" and full["lr"] == 1e-4 and full["percent_of_parameters"] == 100
+    assert "full finetuning (every parameter)" in out and "(1 epoch)" in out
+
+
 def test_every_finetune_config_field_has_an_option():
     from dpkernels.pipeline import FinetuneConfig
 
     parser = cli.build_parser()
-    assert cli._finetune_config(parser.parse_args(["finetune"])) == FinetuneConfig()
+    assert cli._config(FinetuneConfig, parser.parse_args(["finetune"])) == FinetuneConfig()
     options = {**cli._DATA_OPTIONS, **cli._TRAIN_OPTIONS}
     assert set(options) == {f.name for f in dataclasses.fields(FinetuneConfig)}
     args = parser.parse_args(["finetune", "--model", "m", "--data", "d.csv", "--text-column", "t", "--label-column",
@@ -171,13 +304,30 @@ def test_every_finetune_config_field_has_an_option():
                               "--l0-epochs", "3", "--fixed-epochs", "0", "--sparsity", "0.1%", "--l0-lambda", "0",
                               "--diff-lr", "0.01", "--fixed-lr", "0.04", "--log-alpha-lr", "0.2", "--head-lr", "0.03",
                               "--max-grad-norm", "5", "--warmup-ratio", "0", "--structured", "--alpha-init", "-1",
-                              "--seed", "7", "--device", "cpu", "-o", "x.safetensors", "--no-progress"])
-    cfg = cli._finetune_config(args)
+                              "--seed", "7", "--device", "cpu", "-o", "x.safetensors", "--no-progress",
+                              "--train", "tr.csv", "--validation", "v.jsonl", "--test", "te.tsv", "--no-dedup"])
+    cfg = cli._config(FinetuneConfig, args)
     assert cfg == FinetuneConfig(model="m", data="d.csv", text_column="t", label_column="l", max_examples=None,
                                  max_length=32, batch_size=4, l0_epochs=3, fixed_epochs=0, sparsity=0.001,
                                  l0_lambda=0.0, diff_lr=0.01, fixed_lr=0.04, log_alpha_lr=0.2, head_lr=0.03,
                                  max_grad_norm=5.0, warmup_ratio=0.0, structured=True, alpha_init=-1.0, seed=7,
-                                 device="cpu", output="x.safetensors", progress=False)
+                                 device="cpu", output="x.safetensors", progress=False, train_file="tr.csv",
+                                 validation_file="v.jsonl", test_file="te.tsv", dedupe=False)
+
+
+def test_every_baseline_config_field_has_an_option():
+    from dpkernels.pipeline import BaselineConfig
+
+    parser = cli.build_parser()
+    assert cli._config(BaselineConfig, parser.parse_args(["baseline"])) == BaselineConfig()
+    assert BaselineConfig().epochs == 3 and BaselineConfig().lr is None  # finetune's 1 + 2 epochs; BASELINE_LRS
+    assert set({**cli._DATA_OPTIONS, **cli._BASELINE_OPTIONS}) == {f.name for f in dataclasses.fields(BaselineConfig)}
+    args = parser.parse_args(["baseline", "--method", "last-layer", "--train", "tr.csv", "--epochs", "2", "--lr",
+                              "0.001", "--batch-size", "8", "--max-grad-norm", "2", "--warmup-ratio", "0.2",
+                              "--no-progress", "--seed", "3"])
+    assert cli._config(BaselineConfig, args) == BaselineConfig(
+        method="last_layer", train_file="tr.csv", epochs=2, lr=0.001, batch_size=8, max_grad_norm=2.0,
+        warmup_ratio=0.2, progress=False, seed=3)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -196,6 +346,12 @@ def test_every_finetune_config_field_has_an_option():
     (["finetune", "--model", "{tmp}", "--data", "{csv}"], "has no config.json"),
     (["finetune", "--data", "{csv}", "--output", "{tmp}/no/such/dir/x.safetensors"], "does not exist"),
     (["finetune", "--data", "{csv}", "--text-column", "nope", "--output", "{tmp}/x.safetensors"], "no text column"),
+    (["finetune", "--data", "{csv}", "--train", "{csv}"], "--data and --train both give the training rows"),
+    (["finetune", "--train", "{tmp}/missing.csv"], "dataset file not found: {tmp}/missing.csv (--train)"),
+    (["finetune", "--test", "{tmp}"], "--test {tmp} is not a file"),
+    (["baseline", "--method", "lora"], "--method: invalid choice: 'lora'"),
+    (["baseline", "--epochs", "0"], "--epochs: must be >= 1"),
+    (["baseline", "--validation", "{tmp}/missing.csv"], "dataset file not found"),
     # Found before the training, not after it:
     (["finetune", "--model", "{model}", "--data", "{csv}", "--max-length", "33", "--output", "{tmp}/y.safetensors"],
      "max_length 33 is longer than the model's 32 positions"),
@@ -205,6 +361,9 @@ def test_every_finetune_config_field_has_an_option():
     (["eval", "{tmp}/missing.safetensors"], "diff file not found"),
     (["eval", "{csv}", "--data", "{csv}"], "not a readable safetensors file"),
     (["eval", "{tmp}/x.safetensors", "--split", "dev"], "invalid choice: 'dev'"),
+    (["eval", "{tmp}/x.safetensors", "--all-rows"], "scores every row of a file: give it as data=... (--data FILE)"),
+    (["eval", "{tmp}/x.safetensors", "--all-rows", "--data", "{csv}", "--split", "test", "--max-examples", "9"],
+     "max_examples (--max-examples), split (--split) cannot apply"),
     (["demo", "--steps", "0"], "--steps: must be >= 1"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
@@ -214,7 +373,7 @@ def test_argument_errors_are_one_line_with_status_2(argv, message, tmp_path, toy
     argv = [a.format(tmp=tmp_path, csv=toy_csv, model=tiny_model) for a in argv]
     code, out, err = run_cli(argv, capsys)
     assert code == 2
-    assert message in err
+    assert message.format(tmp=tmp_path) in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "L0 stage" not in out and not (tmp_path / "y.safetensors").exists()
 
