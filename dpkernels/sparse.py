@@ -75,7 +75,7 @@ from .nn import dense_task_parameters, iter_gated, require_gated
 from .training import check_save_target
 
 __all__ = ["CONFIG_FORMAT", "DIFF_CONFIG_NAME", "DIFF_WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "DiffTensor",
-           "SparseDiff", "TaskSwitcher", "applied"]
+           "SparseDiff", "TaskSwitcher", "applied", "merge_and_unload"]
 
 FORMAT = "dpkernels.sparse_diff"
 FORMAT_VERSION = 1
@@ -521,11 +521,7 @@ class SparseDiff:
         written under live gated diffs would add to them: twice the delta if it came from this
         model). Returns (gated, dense) parameters."""
         model = _unwrap(model)
-        gated = next(iter_gated(model), None)
-        if gated is not None:
-            raise ValueError(f"the model is diff-pruned (gated tensors such as {gated[0]!r}): apply diffs to the "
-                             "plain base model, not on top of a live diff (a diff applied to the model it came "
-                             "from would count twice)")
+        _refuse_gated(model)
         params = _named_targets(model)
         unknown = [n for n in (*self.tensors, *self.dense) if n not in params]
         if unknown:
@@ -888,6 +884,14 @@ def _named_targets(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _refuse_gated(model: nn.Module) -> None:
+    gated = next(iter_gated(model), None)
+    if gated is not None:
+        raise ValueError(f"the model is diff-pruned (gated tensors such as {gated[0]!r}): apply diffs to the "
+                         "plain base model, not on top of a live diff (a diff applied to the model it came "
+                         "from would count twice)")
+
+
 def _scatter_backend(device: torch.device, dtype: torch.dtype, op: str):
     return select(op, device, dtype, dtypes=_SCATTER_DTYPES, primitive=op)
 
@@ -983,6 +987,7 @@ class _Resident:
         self.groups: dict[tuple, _Group] = {}
         self.spans: dict[int, tuple[tuple, int, int]] = {}
         self.dense: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.id2label = diff.id2label  # for merge_and_unload by task name
         by_key: dict[tuple, list] = {}
         for name, t in diff.tensors.items():
             if t.nnz:
@@ -1048,6 +1053,9 @@ class _Applied:
 
 # model -> what is applied to it now. Weak keys: a model that is garbage collected drops its record.
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the TaskSwitchers built on it (weak both ways): merge_and_unload retires them all, or one
+# idle at the time would later write its saved "base" values into the merged model.
+_SWITCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def applied(model: nn.Module):
@@ -1107,6 +1115,7 @@ class TaskSwitcher:
 
         switcher = TaskSwitcher(model).add("sst2", diff_a).add("mnli", diff_b)
         switcher.switch("sst2"); ...; switcher.switch("mnli"); ...; switcher.reset()
+        with switcher.task("sst2"): ...     # then the task active before (or the base) again
 
     ``add`` validates the diff against the model (names, shapes, base fingerprint) and builds its
     kernel-ready layout once (pointer table, tensor ids, indices, values, a buffer for the saved
@@ -1133,9 +1142,17 @@ class TaskSwitcher:
         self._table = _TargetTable()
         self._tasks: dict[str, _Resident] = {}
         self._active: str | None = None
+        self._unloaded = False  # merge_and_unload handed the model over: nothing may write to it again
+        _SWITCHERS.setdefault(model, weakref.WeakSet()).add(self)
+
+    def _check_owned(self) -> None:
+        if self._unloaded:
+            raise RuntimeError("this TaskSwitcher's model was merged and unloaded (dpkernels.merge_and_unload): it "
+                               "is no longer the switcher's to write; build a new TaskSwitcher on a fresh base")
 
     @property
     def model(self) -> nn.Module:
+        self._check_owned()
         model = self._model()
         if model is None:
             raise RuntimeError("the TaskSwitcher's model no longer exists")
@@ -1172,6 +1189,7 @@ class TaskSwitcher:
         return self
 
     def _get(self, name: str) -> _Resident:
+        self._check_owned()
         if name not in self._tasks:
             raise KeyError(f"no task {name!r}; added: {self.tasks}")
         return self._tasks[name]
@@ -1197,6 +1215,7 @@ class TaskSwitcher:
 
     def reset(self) -> TaskSwitcher:
         """Restore the base (no task applied); returns self."""
+        self._check_owned()
         if self._active is not None:
             self._table.check()
             self._release()
@@ -1209,3 +1228,102 @@ class TaskSwitcher:
             self.reset()
         del self._tasks[name]
         return self
+
+    @contextlib.contextmanager
+    def task(self, name: str):
+        """``with switcher.task(name):`` runs the block with task `name` applied, then makes the
+        task that was active before (or the base) active again, bit for bit, also when the block
+        raises. Nests. An unknown name raises KeyError (naming the added tasks) before anything
+        changes; removing the previous task inside the block makes the exit raise KeyError."""
+        self._get(name)
+        previous = self._active
+        self.switch(name)
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self.reset()
+            else:
+                self.switch(previous)
+
+    def _unload(self) -> None:
+        """Give the model up (merge_and_unload merged into it): every task's saved state freed, and
+        the switcher refusing all further use, so that it never restores into the merged model."""
+        self._tasks.clear()
+        self._table = _TargetTable()
+        self._active = None
+        self._unloaded = True
+
+
+def merge_and_unload(model_or_switcher: nn.Module | TaskSwitcher, diff: SparseDiff | str | None = None) -> nn.Module:
+    """Merge a diff into a model for good and return the plain model: its parameters are exactly
+    what ``diff.apply`` writes (base + diff, bit for bit), and no dpkernels state is left on it
+    (nothing applied, nothing to restore), so transformers' own ``save_pretrained`` /
+    ``from_pretrained`` round-trip it. Like peft's ``merge_and_unload`` it merges **in place** and
+    returns the model itself (the plain one inside a torch.compile / DDP wrapper); copy the model
+    first to keep the base.
+
+    `model_or_switcher` is a model with `diff` (a SparseDiff; the model may already have this very
+    diff applied, which is then kept), or a :class:`TaskSwitcher` with `diff` the name of one of
+    its tasks, a SparseDiff, or None for the active task. Every TaskSwitcher on the model is then
+    done: it no longer owns the model and refuses every later call (it can never restore into the
+    merged model).
+    When the diff records labels (``id2label``) and the model has a transformers config, the
+    config takes them (``id2label`` and ``label2id``), so the saved model names its classes.
+    A diff-pruned (gated) model is refused, as :meth:`SparseDiff.apply` refuses it (its own diff
+    is ``SparseDiff.from_model(model)``, to merge into the plain base); so is a model another diff
+    or switcher holds. Everything is checked before the model is written.
+    """
+    if isinstance(model_or_switcher, TaskSwitcher):
+        switcher = model_or_switcher
+        model = switcher.model
+        _refuse_gated(model)
+        diff = switcher.active if diff is None else diff
+        if diff is None:
+            raise ValueError(f"no task is active on the TaskSwitcher; name one of {switcher.tasks}")
+        if isinstance(diff, str):
+            labels = _check_labels(model, switcher._get(diff).id2label)
+            switcher.switch(diff)  # validates before it writes
+        elif isinstance(diff, SparseDiff):
+            diff.check_model(model)
+            labels = _check_labels(model, diff.id2label)
+            switcher.reset()
+            diff.apply(model)
+        else:
+            raise TypeError(f"merge_and_unload takes a task name or a SparseDiff with a TaskSwitcher, got "
+                            f"{type(diff).__name__}")
+    elif isinstance(model_or_switcher, nn.Module):
+        if not isinstance(diff, SparseDiff):
+            raise TypeError(f"merge_and_unload(model, diff) takes a SparseDiff, got {type(diff).__name__}"
+                            + (" (a task name needs the TaskSwitcher)" if isinstance(diff, str) else ""))
+        model = _unwrap(model_or_switcher)
+        _refuse_gated(model)
+        record = _APPLIED.get(model)
+        if record is not None and record.owner is not diff:
+            who = "a TaskSwitcher: pass the switcher" if isinstance(record.owner, TaskSwitcher) else \
+                "another SparseDiff: restore() it first"
+            raise ValueError(f"the model has a diff applied by {who}")
+        labels = _check_labels(model, diff.id2label)
+        if record is None:
+            diff.apply(model)
+    else:
+        raise TypeError(f"merge_and_unload takes a model or a TaskSwitcher, got {type(model_or_switcher).__name__}")
+    _APPLIED.pop(model, None)  # the merge is for good: nothing may restore it
+    for switcher in list(_SWITCHERS.pop(model, ())):
+        switcher._unload()
+    if labels is not None:
+        model.config.id2label = dict(labels)
+        model.config.label2id = {name: i for i, name in labels.items()}
+    return model
+
+
+def _check_labels(model: nn.Module, id2label: dict[int, str] | None) -> dict[int, str] | None:
+    """The diff's labels that merge_and_unload writes into the model's config (None: leave the
+    config alone); ValueError when they count another number of classes than the config has."""
+    config = getattr(model, "config", None)
+    if id2label is None or not hasattr(config, "id2label"):
+        return None
+    if len(id2label) != len(config.id2label or {}):
+        raise ValueError(f"the diff's labels {list(id2label.values())} are not as many as the model config's "
+                         f"{len(config.id2label or {})}; set diff.id2label = None to keep the config's labels")
+    return id2label

@@ -1,5 +1,5 @@
-"""Hugging Face conventions: SparseDiff.save_pretrained / from_pretrained. The base is a tiny BERT
-classifier saved to a folder, as a pretrained model is."""
+"""Hugging Face conventions: SparseDiff.save_pretrained / from_pretrained, merge_and_unload, and
+TaskSwitcher.task. The base is a tiny BERT classifier saved to a folder, as a pretrained model is."""
 
 import json
 import os
@@ -7,11 +7,12 @@ import os
 import pytest
 import safetensors
 import torch
-from test_sparse import _sparse_gates, assert_same_bits, assert_same_diff, bits, tiny_bert
+from test_sparse import _sparse_gates, assert_same_bits, assert_same_diff, bits, random_diff, tiny_bert
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 import dpkernels
-from dpkernels import SparseDiff
+from dpkernels import SparseDiff, TaskSwitcher, merge_and_unload, sparse
+from dpkernels.nn import iter_gated
 
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
 
@@ -39,6 +40,10 @@ def task_diff(base_dir, seed=0):
     with torch.no_grad():
         model.classifier.weight.normal_()
     return SparseDiff.from_model(model), model
+
+
+def _inputs(seed=1):
+    return torch.randint(0, 97, (4, 11), generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,3 +171,137 @@ def test_missing_and_corrupt_files_are_refused_naming_them(tmp_path, base_dir):
         config_path.write_bytes(good_config)
         diff_path.write_bytes(good_diff)
     SparseDiff.from_pretrained(folder)  # the restored pair loads
+
+
+# --------------------------------------------------------------------------------------------
+# merge_and_unload
+# --------------------------------------------------------------------------------------------
+
+
+def test_merge_and_unload_gives_a_plain_model_that_transformers_round_trips(tmp_path, base_dir):
+    diff, _ = task_diff(base_dir)
+    applied = diff.apply(load_base(base_dir))
+    diff.id2label = {0: "sad", 1: "meh", 2: "glad"}
+    model = load_base(base_dir)
+    merged = merge_and_unload(model, diff)
+    assert merged is model and sparse.applied(model) is None and next(iter_gated(model), None) is None
+    assert_same_bits(bits(merged), bits(applied))  # exactly what apply writes
+    with pytest.raises(ValueError, match="this diff is not applied"):
+        diff.restore(model)  # nothing left to restore
+    assert model.config.id2label == diff.id2label and model.config.label2id == {"sad": 0, "meh": 1, "glad": 2}
+    merged.save_pretrained(tmp_path / "merged")
+    again = load_base(tmp_path / "merged")
+    assert_same_bits(bits(again), bits(applied))
+    assert torch.equal(again(_inputs()).logits, applied(_inputs()).logits)
+    assert again.config.id2label == diff.id2label
+
+
+def test_merge_and_unload_refuses_what_it_cannot_merge_and_writes_nothing(base_dir):
+    diff, pruned = task_diff(base_dir)
+    with pytest.raises(ValueError, match=r"^the model is diff-pruned"):
+        merge_and_unload(pruned, diff)
+    model = load_base(base_dir)
+    before = bits(model)
+    other = random_diff(model, seed=3, dense=("classifier.weight",))
+    other.apply(model)
+    with pytest.raises(ValueError, match="applied by another SparseDiff: restore"):
+        merge_and_unload(model, diff)
+    other.restore(model)
+    switcher = TaskSwitcher(model).add("task", diff).switch("task")
+    with pytest.raises(ValueError, match="applied by a TaskSwitcher: pass the switcher"):
+        merge_and_unload(model, diff)
+    switcher.reset()
+    with pytest.raises(TypeError, match="a task name needs the TaskSwitcher"):
+        merge_and_unload(model, "task")
+    with pytest.raises(TypeError, match="takes a model or a TaskSwitcher"):
+        merge_and_unload("model", diff)
+    diff.id2label = {0: "a", 1: "b"}
+    with pytest.raises(ValueError, match="not as many as the model config's 3"):
+        merge_and_unload(model, diff)
+    assert_same_bits(bits(model), before)
+    # A model that has this diff applied keeps it, also through a wrapper, which gives the plain model.
+    diff.id2label = None
+    merged = bits(diff.apply(model))
+    assert merge_and_unload(torch.compile(model), diff) is model
+    assert_same_bits(bits(model), merged)
+    assert sparse.applied(model) is None and model.config.id2label == LABELS
+    with pytest.raises(RuntimeError, match="merged and unloaded"):  # the idle switcher on it is retired
+        switcher.switch("task")
+
+
+@pytest.mark.parametrize("how", ["by name", "the active task", "another diff"])
+def test_merge_and_unload_of_a_switcher_detaches_it(base_dir, how):
+    a, _ = task_diff(base_dir, seed=0)
+    b, _ = task_diff(base_dir, seed=1)
+    b.id2label = {0: "x", 1: "y", 2: "z"}
+    expected = bits(b.apply(load_base(base_dir)))
+    model = load_base(base_dir)
+    switcher = TaskSwitcher(model).add("a", a).switch("a")
+    if how == "another diff":
+        target = b  # not one of the switcher's tasks: "a" is restored, then b applied
+    elif how == "by name":
+        target = "b"
+        switcher.add("b", b)
+    else:
+        target = None
+        switcher.add("b", b).switch("b")
+    assert merge_and_unload(switcher, target) is model
+    assert_same_bits(bits(model), expected)
+    assert sparse.applied(model) is None and model.config.id2label == b.id2label
+    for call in (lambda: switcher.switch("a"), switcher.reset, lambda: switcher.add("c", a),
+                 lambda: switcher.remove("a"), lambda: switcher.task("a").__enter__(),
+                 lambda: merge_and_unload(switcher, "a")):
+        with pytest.raises(RuntimeError, match="merged and unloaded"):
+            call()
+    assert_same_bits(bits(model), expected)
+
+
+def test_merge_and_unload_of_a_switcher_needs_a_task(base_dir):
+    model = load_base(base_dir)
+    before = bits(model)
+    switcher = TaskSwitcher(model).add("a", task_diff(base_dir)[0])
+    with pytest.raises(ValueError, match=r"no task is active on the TaskSwitcher; name one of \['a'\]"):
+        merge_and_unload(switcher)
+    with pytest.raises(KeyError, match=r"no task 'z'; added: \['a'\]"):
+        merge_and_unload(switcher, "z")
+    with pytest.raises(TypeError, match="a task name or a SparseDiff"):
+        merge_and_unload(switcher, 3)
+    assert_same_bits(bits(model), before)
+    switcher.switch("a").reset()  # still the switcher's
+
+
+# --------------------------------------------------------------------------------------------
+# TaskSwitcher.task
+# --------------------------------------------------------------------------------------------
+
+
+def test_task_context_restores_the_previous_task_on_exit_and_on_error(base_dir):
+    a, _ = task_diff(base_dir, seed=0)
+    b, _ = task_diff(base_dir, seed=1)
+    expected = {"a": bits(a.apply(load_base(base_dir))), "b": bits(b.apply(load_base(base_dir)))}
+    model = load_base(base_dir)
+    base = bits(model)
+    switcher = TaskSwitcher(model).add("a", a).add("b", b)
+    with switcher.task("a") as entered:
+        assert entered is switcher and switcher.active == "a"
+        assert_same_bits(bits(model), expected["a"])
+        with switcher.task("b"):
+            assert_same_bits(bits(model), expected["b"])
+        assert switcher.active == "a"
+        assert_same_bits(bits(model), expected["a"])
+    assert switcher.active is None
+    assert_same_bits(bits(model), base)
+
+    switcher.switch("b")
+    with pytest.raises(ZeroDivisionError), switcher.task("a"):
+        assert switcher.active == "a"
+        1 / 0  # noqa: B018
+    assert switcher.active == "b"
+    assert_same_bits(bits(model), expected["b"])
+    with switcher.task("b"):  # the active task itself: nothing to switch
+        assert switcher.active == "b"
+    assert switcher.active == "b"
+    with pytest.raises(KeyError, match=r"no task 'c'; added: \['a', 'b'\]"), switcher.task("c"):
+        pass
+    assert switcher.active == "b"
+    assert_same_bits(bits(model), expected["b"])
