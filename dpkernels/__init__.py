@@ -12,7 +12,7 @@ from .backends import BackendUnavailable
 from .nn import DiffLinear, GatedParameter
 from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
 from .prune import clip_grad_norms, diff_prune, l0_penalty, optimizer_groups, project
-from .sparse import SparseDiff, TaskSwitcher
+from .sparse import SparseDiff, TaskSwitcher, merge_and_unload
 
 try:
     __version__ = version("dpkernels")
@@ -34,6 +34,7 @@ __all__ = [
     "gate_apply",
     "info",
     "l0_penalty",
+    "merge_and_unload",
     "optimizer_groups",
     "project",
     "sample_gates",

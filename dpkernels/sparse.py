@@ -25,9 +25,21 @@ structured): ``tensors`` (name, shape, dtype, nnz, gate per gated tensor), ``den
 dtype), ``gate_config`` (l, r, beta when all tensors share one, else null), ``nnz``, ``total``
 (gated elements), ``sparsity`` (nnz / total), ``values_dtype``, ``created_by``, optionally ``info``
 (a JSON object saying how the diff was made, e.g. the finetuning run's model, data and seed, so
-that ``dpkernels eval`` needs no flags; readers that predate it ignore it), and ``sha256``
-over every tensor's name, dtype, shape and bytes and the rest of the metadata, so any corrupt
-byte is caught at load.
+that ``dpkernels eval`` needs no flags; readers that predate it ignore it), optionally
+``base_model`` ({name_or_path, revision}: the transformers model the diff was made from) and
+``id2label`` (the task's labels, {"0": name, ...}), both read from the model's config by
+:meth:`SparseDiff.from_model` and likewise ignored by older readers, and ``sha256`` over every
+tensor's name, dtype, shape and bytes and the rest of the metadata, so any corrupt byte is caught
+at load.
+
+Hugging Face layout (:meth:`SparseDiff.save_pretrained` / :meth:`SparseDiff.from_pretrained`): a
+folder holding ``diff.safetensors`` (the file above) and ``diff_config.json``, a JSON object with
+``format`` = "dpkernels.diff_config", ``format_version`` = 1, ``diff_sha256`` (the file's
+checksum), ``created_by``, ``base_model``, ``base_fingerprint`` (:attr:`SparseDiff.base_fingerprint`),
+``gate_config``, ``id2label``, ``nnz``, ``total``, ``sparsity``, ``tensors`` (how many gated
+tensors), ``dense`` (the dense parameters' names) and ``info``. Every field restates the file
+beside it, for readers (and the Hub) that look at JSON only; loading refuses a config that
+disagrees with its file in any field.
 
 The fingerprint: up to 16 base values per tensor at positions fixed by a hash rule. Against a
 model whose tensor has the dtype the diff recorded they must match exactly (after rounding the
@@ -41,6 +53,7 @@ the coarser dtype's precision cannot be told apart. Names and shapes must match 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -61,10 +74,16 @@ from .backends import select
 from .nn import dense_task_parameters, iter_gated, require_gated
 from .training import check_save_target
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "DiffTensor", "SparseDiff", "TaskSwitcher", "applied"]
+__all__ = ["CONFIG_FORMAT", "DIFF_CONFIG_NAME", "DIFF_WEIGHTS_NAME", "FORMAT", "FORMAT_VERSION", "DiffTensor",
+           "SparseDiff", "TaskSwitcher", "applied", "merge_and_unload"]
 
 FORMAT = "dpkernels.sparse_diff"
 FORMAT_VERSION = 1
+# save_pretrained's folder: the diff file and the JSON config that restates it.
+DIFF_WEIGHTS_NAME = "diff.safetensors"
+DIFF_CONFIG_NAME = "diff_config.json"
+CONFIG_FORMAT = "dpkernels.diff_config"
+CONFIG_FORMAT_VERSION = 1
 _FINGERPRINT_SAMPLES = 16
 _GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: the fingerprint positions' hash multiplier
 # Base dtypes a diff can be applied to (the scatter kernels' dtypes).
@@ -188,13 +207,20 @@ class SparseDiff:
     with :class:`TaskSwitcher`. Construction validates every field (ValueError naming the problem).
     A model wrapped by ``torch.compile`` or (Distributed)DataParallel stands for the plain model
     inside it: names are the plain model's (no ``_orig_mod.`` or ``module.`` prefix).
+
+    Saved with the tensors (validated when set): ``info``, a JSON object saying how the diff was
+    made; ``base_model``, {"name_or_path", "revision"} of the transformers model it was made from
+    (a string sets name_or_path alone); ``id2label``, the task's labels ({int: str}).
     """
 
     def __init__(self, tensors: Mapping[str, DiffTensor], dense: Mapping[str, torch.Tensor] | None = None,
-                 info: Mapping | None = None):
+                 info: Mapping | None = None, *, base_model: str | Mapping | None = None,
+                 id2label: Mapping | None = None):
         self.tensors = dict(tensors)
         self.dense = dict(dense or {})
-        self.info = _check_info(info)
+        self.info = info
+        self.base_model = base_model
+        self.id2label = id2label
         for name, t in self.tensors.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
@@ -213,11 +239,35 @@ class SparseDiff:
         if both:
             raise ValueError(f"names {_few(sorted(both))} are both gated and dense")
 
+    @property
+    def info(self) -> dict | None:
+        return self._info
+
+    @info.setter
+    def info(self, value) -> None:
+        self._info = _check_info(value)
+
+    @property
+    def base_model(self) -> dict | None:
+        return self._base_model
+
+    @base_model.setter
+    def base_model(self, value) -> None:
+        self._base_model = _check_base_model(value)
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        return self._id2label
+
+    @id2label.setter
+    def id2label(self, value) -> None:
+        self._id2label = _check_id2label(value)
+
     # ---- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, gate_config: Mapping | None = None,
-                   info: Mapping | None = None) -> SparseDiff:
+    def from_model(cls, model: nn.Module, *, gate_config: Mapping | None = None, info: Mapping | None = None,
+                   base_model: str | Mapping | None = None, id2label: Mapping | None = None) -> SparseDiff:
         """The eval-mode diff of a diff-pruned model: for every gated tensor (``iter_gated``) the
         nonzeros of ``z_eval * diff`` (L0 stage) or of the fixed-mask values, under the base
         parameter's plain name (``layer.weight``, also for parametrized parameters), and every
@@ -226,8 +276,10 @@ class SparseDiff:
         gated tensor must have (ValueError otherwise). If a diff is applied to the model
         (``apply`` or a TaskSwitcher), the fingerprint and dense parameters are read as they are
         without it. ``info`` (a JSON-serialisable dict) is saved with the diff: how it was made.
-        A model without gated tensors raises ValueError (its "diff" would be a dense copy of
-        every parameter).
+        ``base_model`` and ``id2label`` default to what a transformers model's config says
+        (``_name_or_path`` and ``_commit_hash``, ``id2label``); pass them when the config does not
+        know (a model built from a config has no name). A model without gated tensors raises
+        ValueError (its "diff" would be a dense copy of every parameter).
         """
         model = _unwrap(model)
         expected = _check_gate(gate_config)
@@ -239,20 +291,25 @@ class SparseDiff:
             deltas[name] = gt.eval_delta()
             bases[name], gates[name] = gt.theta0, gate
         dense = dense_task_parameters(model)
-        return cls._build(model, bases, deltas, dense, gates, info)
+        diff = cls._build(model, bases, deltas, dense, gates, info)
+        _record_config(diff, model, base_model, id2label)
+        return diff
 
     @classmethod
     def from_deltas(cls, model: nn.Module, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                     dense: Mapping[str, torch.Tensor] | None = None) -> SparseDiff:
         """A diff for named parameters of any model: ``deltas[name] = (flat indices, values)``
-        (any order, no duplicates), ``dense[name]`` a whole new value of a parameter."""
+        (any order, no duplicates), ``dense[name]`` a whole new value of a parameter. The base
+        model's name and labels are read from its config, as :meth:`from_model` does."""
         model = _unwrap(model)
         params = _named_targets(model)
         unknown = [n for n in (*deltas, *(dense or {})) if n not in params]
         if unknown:
             raise ValueError(f"the model has no parameters named {_few(unknown)}")
         bases = {n: params[n] for n in deltas}
-        return cls._build(model, bases, dict(deltas), dict(dense or {}), dict.fromkeys(deltas))
+        diff = cls._build(model, bases, dict(deltas), dict(dense or {}), dict.fromkeys(deltas))
+        _record_config(diff, model, None, None)
+        return diff
 
     @classmethod
     def _build(cls, model, bases, deltas, dense, gates, info=None) -> SparseDiff:
@@ -314,7 +371,7 @@ class SparseDiff:
         out = object.__new__(SparseDiff)
         out.tensors = {n: t.to(device) for n, t in self.tensors.items()}
         out.dense = {n: d.to(device) for n, d in self.dense.items()}
-        out.info = self.info
+        out._info, out._base_model, out._id2label = self._info, self._base_model, self._id2label
         return out
 
     # ---- file --------------------------------------------------------------------------------
@@ -333,7 +390,8 @@ class SparseDiff:
         from . import __version__
 
         gates = {json.dumps(t.gate, sort_keys=True) for t in self.tensors.values()}
-        info = {} if self.info is None else {"info": json.dumps(self.info, sort_keys=True)}
+        optional = {"info": self.info, "base_model": self.base_model, "id2label": self.id2label}
+        optional = {k: json.dumps(v, sort_keys=True) for k, v in optional.items() if v is not None}
         return {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -347,8 +405,29 @@ class SparseDiff:
             "total": str(self.total),
             "sparsity": repr(self.sparsity),
             "values_dtype": "float32",
-            **info,
+            **optional,
         }
+
+    @property
+    def base_fingerprint(self) -> str:
+        """SHA-256 (hex) of the base fingerprint: every gated tensor's name, shape, dtype and its
+        sampled base positions and values. Diffs of the same gated tensors of one base (in one
+        dtype) share it; the file's fingerprint itself is what :meth:`check_model` compares."""
+        samples = {}
+        for name, t in self.tensors.items():
+            samples[f"{name}.base_index"], samples[f"{name}.base_values"] = t.base_index, t.base_values
+        layout = [[n, list(t.shape), _dtype_name(t.dtype)] for n, t in sorted(self.tensors.items())]
+        return _digest(samples, {"tensors": json.dumps(layout)})
+
+    def _serialise(self) -> tuple[bytes, dict[str, str]]:
+        """The safetensors bytes of the diff and their metadata (with its sha256)."""
+        tensors = {k: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                   for k, t in self._file_tensors().items()}
+        if len(tensors) != 4 * len(self.tensors) + len(self.dense):
+            raise ValueError("tensor names collide after adding the file suffixes")
+        metadata = self._metadata()
+        metadata["sha256"] = _digest(tensors, metadata)
+        return safetensors.torch.save(tensors, metadata), metadata
 
     def save(self, path) -> int:
         """Write the diff to `path` (safetensors) atomically; returns the file size in bytes.
@@ -357,13 +436,7 @@ class SparseDiff:
         renamed over `path` (os.replace): an interrupted save leaves any existing file intact and
         removes its temporary file.
         """
-        tensors = {k: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-                   for k, t in self._file_tensors().items()}
-        if len(tensors) != 4 * len(self.tensors) + len(self.dense):
-            raise ValueError("tensor names collide after adding the file suffixes")
-        metadata = self._metadata()
-        metadata["sha256"] = _digest(tensors, metadata)
-        data = safetensors.torch.save(tensors, metadata)
+        data, _ = self._serialise()
         _atomic_write(os.fspath(path), data)
         return len(data)
 
@@ -376,18 +449,67 @@ class SparseDiff:
         indices unsorted, duplicated, out of range or of the wrong dtype, values non-finite or of
         the wrong length, metadata inconsistent with the tensors.
         """
-        path = os.fspath(path)
-        with open(path, "rb") as f:
-            data = f.read()
-        try:
-            raw = safetensors.torch.load(data)
-            metadata = _header_metadata(data)
-        except (safetensors.SafetensorError, ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-        try:
-            diff = _parse(raw, metadata)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        diff, _ = _read(os.fspath(path))
+        return diff if device is None else diff.to(device)
+
+    def _pretrained_config(self, metadata: Mapping[str, str]) -> dict:
+        """The diff_config.json object for this diff, saved with `metadata` (its file's)."""
+        return {
+            "format": CONFIG_FORMAT,
+            "format_version": CONFIG_FORMAT_VERSION,
+            "diff_sha256": metadata["sha256"],
+            "created_by": metadata["created_by"],
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "gate_config": json.loads(metadata["gate_config"]),
+            "id2label": None if self.id2label is None else {str(k): v for k, v in self.id2label.items()},
+            "nnz": self.nnz,
+            "total": self.total,
+            "sparsity": self.sparsity,
+            "tensors": len(self.tensors),
+            "dense": list(self.dense),
+            "info": self.info,
+        }
+
+    def save_pretrained(self, folder) -> None:
+        """Write the diff to `folder` (created if missing) the Hugging Face way: ``diff.safetensors``
+        (exactly :meth:`save`'s file) and ``diff_config.json`` (what the file holds, as JSON: the
+        base model, fingerprint, gate config, labels, size, how it was made; see the module
+        docstring). Each is written atomically, the file first: a save interrupted between the two
+        leaves a config that :meth:`from_pretrained` refuses, never a silently mismatched pair."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        data, metadata = self._serialise()
+        config = self._pretrained_config(metadata)
+        _atomic_write(os.path.join(folder, DIFF_WEIGHTS_NAME), data)
+        _atomic_write(os.path.join(folder, DIFF_CONFIG_NAME),
+                      (json.dumps(config, indent=2, allow_nan=False) + "\n").encode())
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None) -> SparseDiff:
+        """Read a folder written by :meth:`save_pretrained`: the diff file, validated as :meth:`load`
+        does, and its JSON config, which must restate the file in every field (ValueError naming
+        the config and the fields otherwise: a config beside another diff file, or edited).
+        A missing folder or file is a FileNotFoundError naming it."""
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            if os.path.exists(folder):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder written by save_pretrained (SparseDiff.load "
+                                         "reads a single diff file)", folder)
+            raise FileNotFoundError(errno.ENOENT, "no such folder", folder)
+        diff_path, config_path = os.path.join(folder, DIFF_WEIGHTS_NAME), os.path.join(folder, DIFF_CONFIG_NAME)
+        for path in (config_path, diff_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(errno.ENOENT, "missing from the save_pretrained folder", path)
+        config = _read_config(config_path)
+        diff, metadata = _read(diff_path)
+        expected = diff._pretrained_config(metadata)
+        wrong = [k for k in sorted(expected.keys() | config.keys())
+                 if _shown(config, k, None) != _shown(expected, k, None)]
+        if wrong:
+            shown = "; ".join(f"{k} is {_shown(config, k)} in the config, {_shown(expected, k)} in the file"
+                              for k in wrong[:3])
+            raise ValueError(f"{config_path} disagrees with {diff_path} in {_few(wrong)}: {shown}")
         return diff if device is None else diff.to(device)
 
     # ---- model -------------------------------------------------------------------------------
@@ -399,11 +521,7 @@ class SparseDiff:
         written under live gated diffs would add to them: twice the delta if it came from this
         model). Returns (gated, dense) parameters."""
         model = _unwrap(model)
-        gated = next(iter_gated(model), None)
-        if gated is not None:
-            raise ValueError(f"the model is diff-pruned (gated tensors such as {gated[0]!r}): apply diffs to the "
-                             "plain base model, not on top of a live diff (a diff applied to the model it came "
-                             "from would count twice)")
+        _refuse_gated(model)
         params = _named_targets(model)
         unknown = [n for n in (*self.tensors, *self.dense) if n not in params]
         if unknown:
@@ -511,6 +629,45 @@ def _header_metadata(data: bytes) -> dict | None:
     return json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__")
 
 
+def _read(path: str) -> tuple[SparseDiff, dict[str, str]]:
+    """The validated diff in the file at `path` and the file's metadata (ValueError naming `path`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        raw = safetensors.torch.load(data)
+        metadata = _header_metadata(data)
+    except (safetensors.SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        return _parse(raw, metadata), metadata
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _shown(record: Mapping, key: str, limit: int | None = 80) -> str:
+    """record[key] as canonical JSON (so 1, 1.0 and true differ), cut to `limit` characters, or "absent"."""
+    text = json.dumps(record[key], sort_keys=True) if key in record else "absent"
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_config(path: str) -> dict:
+    """A diff_config.json object, its format and version checked (ValueError naming `path`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: not a dpkernels diff config (format {got!r}, expected {CONFIG_FORMAT!r})")
+    version = config.get("format_version")
+    if version != CONFIG_FORMAT_VERSION:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_FORMAT_VERSION
+        raise ValueError(f"{path}: format version {version!r} is {'newer than' if newer else 'not'} the supported "
+                         f"{CONFIG_FORMAT_VERSION}" + ("; upgrade dpkernels" if newer else ""))
+    return config
+
+
 def _write_all(f, data: bytes) -> None:
     view = memoryview(data)
     for start in range(0, len(view), _WRITE_CHUNK):
@@ -561,6 +718,52 @@ def _check_info(info) -> dict | None:
         return json.loads(json.dumps(dict(info), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"info must be JSON-serialisable ({exc})") from None
+
+
+def _check_base_model(base_model) -> dict | None:
+    """`base_model` as {"name_or_path": str, "revision": str | None} (a string or path: the name)."""
+    if base_model is None:
+        return None
+    if isinstance(base_model, (str, os.PathLike)):
+        base_model = {"name_or_path": os.fspath(base_model)}
+    if not isinstance(base_model, Mapping) or not set(base_model) <= {"name_or_path", "revision"}:
+        raise ValueError(f"base_model must be a name or path, or a dict with keys name_or_path and revision, got "
+                         f"{base_model!r}")
+    name, revision = base_model.get("name_or_path"), base_model.get("revision")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"base_model's name_or_path must be a non-empty string, got {name!r}")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise ValueError(f"base_model's revision must be a non-empty string or None, got {revision!r}")
+    return {"name_or_path": name, "revision": revision}
+
+
+def _check_id2label(id2label) -> dict[int, str] | None:
+    """`id2label` as {int: str} in id order; keys may be ints or their decimal strings (as JSON has them)."""
+    if id2label is None:
+        return None
+    if not isinstance(id2label, Mapping) or not id2label:
+        raise ValueError(f"id2label must be a non-empty dict of label ids to names, got {id2label!r}")
+    out = {}
+    for key, name in id2label.items():
+        if isinstance(key, str) and key.isdecimal():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0 or not isinstance(name, str):
+            raise ValueError(f"id2label maps non-negative int ids to str names, got {key!r}: {name!r}")
+        if key in out:
+            raise ValueError(f"id2label lists id {key} twice")
+        out[key] = name
+    return dict(sorted(out.items()))
+
+
+def _record_config(diff: SparseDiff, model: nn.Module, base_model, id2label) -> None:
+    """Set diff.base_model and diff.id2label: the given values, else what a transformers model's
+    config says (``_name_or_path`` with ``_commit_hash``, and ``id2label``)."""
+    config = getattr(model, "config", None)
+    if base_model is None and isinstance(getattr(config, "_name_or_path", None), str) and config._name_or_path:
+        base_model = {"name_or_path": config._name_or_path, "revision": getattr(config, "_commit_hash", None) or None}
+    if id2label is None:
+        id2label = getattr(config, "id2label", None) or None
+    diff.base_model, diff.id2label = base_model, id2label
 
 
 def _json_field(metadata: Mapping[str, str], key: str):
@@ -643,11 +846,14 @@ def _parse(raw: dict[str, torch.Tensor], metadata: dict | None) -> SparseDiff:
             raise ValueError(f"dense {name!r}: the file holds {_dtype_name(d.dtype)} {list(d.shape)}, the metadata "
                              f"says {dtype_name} {shape}")
         dense[name] = d
-    try:
-        info = _check_info(_json_field(metadata, "info")) if "info" in metadata else None
-    except ValueError as exc:
-        raise ValueError(f"metadata 'info': {exc}") from None
-    diff = SparseDiff(tensors, dense, info)
+    optional = {}
+    for key, check in (("info", _check_info), ("base_model", _check_base_model), ("id2label", _check_id2label)):
+        if key in metadata:
+            try:
+                optional[key] = check(_json_field(metadata, key))
+            except ValueError as exc:
+                raise ValueError(f"metadata {key!r}: {exc}") from None
+    diff = SparseDiff(tensors, dense, **optional)
     for key, actual in (("nnz", diff.nnz), ("total", diff.total)):
         if _int_field(metadata, key) != actual:
             raise ValueError(f"metadata {key}={metadata[key]} but the tensors give {actual}")
@@ -676,6 +882,14 @@ def _named_targets(model: nn.Module) -> dict[str, torch.Tensor]:
             if hasattr(plist, "original"):  # weight_norm and the like keep original0, original1, ...
                 out.setdefault(f"{path}.{pname}" if path else pname, plist.original)
     return out
+
+
+def _refuse_gated(model: nn.Module) -> None:
+    gated = next(iter_gated(model), None)
+    if gated is not None:
+        raise ValueError(f"the model is diff-pruned (gated tensors such as {gated[0]!r}): apply diffs to the "
+                         "plain base model, not on top of a live diff (a diff applied to the model it came "
+                         "from would count twice)")
 
 
 def _scatter_backend(device: torch.device, dtype: torch.dtype, op: str):
@@ -773,6 +987,7 @@ class _Resident:
         self.groups: dict[tuple, _Group] = {}
         self.spans: dict[int, tuple[tuple, int, int]] = {}
         self.dense: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.id2label = diff.id2label  # for merge_and_unload by task name
         by_key: dict[tuple, list] = {}
         for name, t in diff.tensors.items():
             if t.nnz:
@@ -838,6 +1053,9 @@ class _Applied:
 
 # model -> what is applied to it now. Weak keys: a model that is garbage collected drops its record.
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the TaskSwitchers built on it (weak both ways): merge_and_unload retires them all, or one
+# idle at the time would later write its saved "base" values into the merged model.
+_SWITCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def applied(model: nn.Module):
@@ -897,6 +1115,7 @@ class TaskSwitcher:
 
         switcher = TaskSwitcher(model).add("sst2", diff_a).add("mnli", diff_b)
         switcher.switch("sst2"); ...; switcher.switch("mnli"); ...; switcher.reset()
+        with switcher.task("sst2"): ...     # then the task active before (or the base) again
 
     ``add`` validates the diff against the model (names, shapes, base fingerprint) and builds its
     kernel-ready layout once (pointer table, tensor ids, indices, values, a buffer for the saved
@@ -923,9 +1142,17 @@ class TaskSwitcher:
         self._table = _TargetTable()
         self._tasks: dict[str, _Resident] = {}
         self._active: str | None = None
+        self._unloaded = False  # merge_and_unload handed the model over: nothing may write to it again
+        _SWITCHERS.setdefault(model, weakref.WeakSet()).add(self)
+
+    def _check_owned(self) -> None:
+        if self._unloaded:
+            raise RuntimeError("this TaskSwitcher's model was merged and unloaded (dpkernels.merge_and_unload): it "
+                               "is no longer the switcher's to write; build a new TaskSwitcher on a fresh base")
 
     @property
     def model(self) -> nn.Module:
+        self._check_owned()
         model = self._model()
         if model is None:
             raise RuntimeError("the TaskSwitcher's model no longer exists")
@@ -962,6 +1189,7 @@ class TaskSwitcher:
         return self
 
     def _get(self, name: str) -> _Resident:
+        self._check_owned()
         if name not in self._tasks:
             raise KeyError(f"no task {name!r}; added: {self.tasks}")
         return self._tasks[name]
@@ -987,6 +1215,7 @@ class TaskSwitcher:
 
     def reset(self) -> TaskSwitcher:
         """Restore the base (no task applied); returns self."""
+        self._check_owned()
         if self._active is not None:
             self._table.check()
             self._release()
@@ -999,3 +1228,102 @@ class TaskSwitcher:
             self.reset()
         del self._tasks[name]
         return self
+
+    @contextlib.contextmanager
+    def task(self, name: str):
+        """``with switcher.task(name):`` runs the block with task `name` applied, then makes the
+        task that was active before (or the base) active again, bit for bit, also when the block
+        raises. Nests. An unknown name raises KeyError (naming the added tasks) before anything
+        changes; removing the previous task inside the block makes the exit raise KeyError."""
+        self._get(name)
+        previous = self._active
+        self.switch(name)
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self.reset()
+            else:
+                self.switch(previous)
+
+    def _unload(self) -> None:
+        """Give the model up (merge_and_unload merged into it): every task's saved state freed, and
+        the switcher refusing all further use, so that it never restores into the merged model."""
+        self._tasks.clear()
+        self._table = _TargetTable()
+        self._active = None
+        self._unloaded = True
+
+
+def merge_and_unload(model_or_switcher: nn.Module | TaskSwitcher, diff: SparseDiff | str | None = None) -> nn.Module:
+    """Merge a diff into a model for good and return the plain model: its parameters are exactly
+    what ``diff.apply`` writes (base + diff, bit for bit), and no dpkernels state is left on it
+    (nothing applied, nothing to restore), so transformers' own ``save_pretrained`` /
+    ``from_pretrained`` round-trip it. Like peft's ``merge_and_unload`` it merges **in place** and
+    returns the model itself (the plain one inside a torch.compile / DDP wrapper); copy the model
+    first to keep the base.
+
+    `model_or_switcher` is a model with `diff` (a SparseDiff; the model may already have this very
+    diff applied, which is then kept), or a :class:`TaskSwitcher` with `diff` the name of one of
+    its tasks, a SparseDiff, or None for the active task. Every TaskSwitcher on the model is then
+    done: it no longer owns the model and refuses every later call (it can never restore into the
+    merged model).
+    When the diff records labels (``id2label``) and the model has a transformers config, the
+    config takes them (``id2label`` and ``label2id``), so the saved model names its classes.
+    A diff-pruned (gated) model is refused, as :meth:`SparseDiff.apply` refuses it (its own diff
+    is ``SparseDiff.from_model(model)``, to merge into the plain base); so is a model another diff
+    or switcher holds. Everything is checked before the model is written.
+    """
+    if isinstance(model_or_switcher, TaskSwitcher):
+        switcher = model_or_switcher
+        model = switcher.model
+        _refuse_gated(model)
+        diff = switcher.active if diff is None else diff
+        if diff is None:
+            raise ValueError(f"no task is active on the TaskSwitcher; name one of {switcher.tasks}")
+        if isinstance(diff, str):
+            labels = _check_labels(model, switcher._get(diff).id2label)
+            switcher.switch(diff)  # validates before it writes
+        elif isinstance(diff, SparseDiff):
+            diff.check_model(model)
+            labels = _check_labels(model, diff.id2label)
+            switcher.reset()
+            diff.apply(model)
+        else:
+            raise TypeError(f"merge_and_unload takes a task name or a SparseDiff with a TaskSwitcher, got "
+                            f"{type(diff).__name__}")
+    elif isinstance(model_or_switcher, nn.Module):
+        if not isinstance(diff, SparseDiff):
+            raise TypeError(f"merge_and_unload(model, diff) takes a SparseDiff, got {type(diff).__name__}"
+                            + (" (a task name needs the TaskSwitcher)" if isinstance(diff, str) else ""))
+        model = _unwrap(model_or_switcher)
+        _refuse_gated(model)
+        record = _APPLIED.get(model)
+        if record is not None and record.owner is not diff:
+            who = "a TaskSwitcher: pass the switcher" if isinstance(record.owner, TaskSwitcher) else \
+                "another SparseDiff: restore() it first"
+            raise ValueError(f"the model has a diff applied by {who}")
+        labels = _check_labels(model, diff.id2label)
+        if record is None:
+            diff.apply(model)
+    else:
+        raise TypeError(f"merge_and_unload takes a model or a TaskSwitcher, got {type(model_or_switcher).__name__}")
+    _APPLIED.pop(model, None)  # the merge is for good: nothing may restore it
+    for switcher in list(_SWITCHERS.pop(model, ())):
+        switcher._unload()
+    if labels is not None:
+        model.config.id2label = dict(labels)
+        model.config.label2id = {name: i for i, name in labels.items()}
+    return model
+
+
+def _check_labels(model: nn.Module, id2label: dict[int, str] | None) -> dict[int, str] | None:
+    """The diff's labels that merge_and_unload writes into the model's config (None: leave the
+    config alone); ValueError when they count another number of classes than the config has."""
+    config = getattr(model, "config", None)
+    if id2label is None or not hasattr(config, "id2label"):
+        return None
+    if len(id2label) != len(config.id2label or {}):
+        raise ValueError(f"the diff's labels {list(id2label.values())} are not as many as the model config's "
+                         f"{len(config.id2label or {})}; set diff.id2label = None to keep the config's labels")
+    return id2label

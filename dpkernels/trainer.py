@@ -15,9 +15,11 @@ eval gate is nonzero, or the mask density after projection).
 The penalty counts once per optimizer step whatever the gradient accumulation. A trainer built in
 the L0 stage refuses to train on after ``project`` (its optimizer holds the dropped gates): use a
 fresh one. ``resume_from_checkpoint`` works in both stages (into a freshly diff-pruned model; a
-fixed-mask checkpoint's masks are entered first). ``save_model`` writes the diff-pruned model's
-state, gates and all, which ``from_pretrained`` cannot rebuild: keep the task as
-``dpkernels.SparseDiff.from_model(model).save(path)``.
+fixed-mask checkpoint's masks are entered first). ``save_model(output_dir)`` writes the task:
+the diff folder of :meth:`dpkernels.SparseDiff.save_pretrained` (read it back with
+``SparseDiff.from_pretrained`` and apply it to the base) and the tokenizer / processing class, as
+Trainer saves them; the checkpoints Trainer writes itself still hold the whole diff-pruned state
+(gates and optimizer), which resuming needs.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from transformers import Trainer, TrainerCallback
 from .nn import iter_gated, require_gated
 from .ops import eval_gates
 from .prune import clip_grad_norms, l0_penalty, optimizer_groups
+from .sparse import SparseDiff
 from .training import enter_saved_masks
 
 
@@ -112,6 +115,34 @@ class DiffPruningTrainer(Trainer):
         if "loss" in logs:  # training logs carry the gate statistics too
             logs = {**logs, **gate_statistics(self.model)}
         super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the task to `output_dir` (default ``args.output_dir``): the model's diff as a
+        :meth:`SparseDiff.save_pretrained` folder (the base model's name, fingerprint, labels, and
+        this run's step, l0_lambda and learning rates in ``info``), and the processing class
+        (tokenizer) as Trainer writes it. Only the process that saves writes. Trainer's own calls
+        (``_internal_call``: checkpoints, hub pushes) save the whole diff-pruned state as before,
+        gates and all, which ``resume_from_checkpoint`` loads; so ``args.push_to_hub`` pushes
+        that, not this folder (upload the folder with huggingface_hub to share the task)."""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+            return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NotImplementedError("save_model reads the diff from the whole model; under FSDP or DeepSpeed "
+                                      "gather the full model and save SparseDiff.from_model(model).save_pretrained")
+        if not self.args.should_save:
+            return
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        fixed_mask = all(gt.fixed_mask for _, _, gt in iter_gated(self.model))
+        info = {"trainer": {"global_step": self.state.global_step, "stage": "fixed_mask" if fixed_mask else "l0",
+                            "l0_lambda": self.l0_lambda, **self.group_lrs}}
+        SparseDiff.from_model(self.model, info=info).save_pretrained(output_dir)
+        # What Trainer._save writes beside the weights (its training_args.bin is left out: this
+        # trainer's copy of the arguments has max_grad_norm 0, the per-group clip being its own).
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        elif getattr(self.data_collator, "tokenizer", None) is not None:
+            self.data_collator.tokenizer.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # A checkpoint of the fixed-mask stage holds its masks: enter that stage first, or neither its

@@ -333,6 +333,9 @@ BAD_FILES = {
     "no checksum": (lambda t, m: None, "no sha256"),
     "info not json": (_set("info", "{"), "'info' is not JSON"),
     "info not an object": (_set("info", "[1, 2]"), "metadata 'info': info must be a dict"),
+    "base_model without a name": (_set("base_model", json.dumps({"revision": "abc"})),
+                                  "metadata 'base_model': base_model's name_or_path must be a non-empty string"),
+    "id2label with a bad id": (_set("id2label", json.dumps({"x": "neg"})), "metadata 'id2label': id2label maps"),
 }
 
 

@@ -1,11 +1,16 @@
 """DiffPruningTrainer: a transformers.Trainer run on a tiny random BERT, both stages."""
 
+import os
+
 import pytest
 import torch
 from test_diff_prune import tiny_bert
-from transformers import TrainingArguments
+from test_hf import make_tokenizer
+from test_sparse import assert_same_diff
+from transformers import AutoModelForSequenceClassification, TrainingArguments
 
 import dpkernels
+from dpkernels import SparseDiff
 from dpkernels.nn import iter_gated
 from dpkernels.trainer import DiffPruningTrainer, gate_statistics
 
@@ -125,3 +130,34 @@ def test_resume_from_a_trainer_checkpoint_in_either_stage(tmp_path, stage):
     assert final.keys() == resumed.state_dict().keys()
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, final[name]), name
+
+
+def test_save_model_writes_the_diff_folder_and_checkpoints_keep_the_whole_state(tmp_path):
+    """save_model writes the task (a save_pretrained diff folder and the tokenizer), in either stage:
+    loaded with from_pretrained and applied to a fresh base from the recorded name, it gives the
+    trained model's eval logits. The checkpoints Trainer writes itself still hold the gated state."""
+    base_dir = tmp_path / "base"
+    tiny_bert().save_pretrained(base_dir)
+    model = dpkernels.diff_prune(AutoModelForSequenceClassification.from_pretrained(base_dir))
+    args = _args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = DiffPruningTrainer(model=model, args=args, train_dataset=_dataset(), l0_lambda=1e-4,
+                                 processing_class=make_tokenizer(tmp_path))
+    trainer.train()
+    checkpoint = os.listdir(tmp_path / "run" / "checkpoint-2")
+    assert "model.safetensors" in checkpoint and "diff_config.json" not in checkpoint
+    x = torch.randint(1, 97, (4, 9), generator=torch.Generator().manual_seed(5))
+    for stage in ("l0", "fixed_mask"):
+        if stage == "fixed_mask":
+            dpkernels.project(model, 0.01)
+        folder = tmp_path / stage
+        trainer.save_model(str(folder))
+        files = os.listdir(folder)
+        assert {"diff.safetensors", "diff_config.json", "tokenizer_config.json"} <= set(files)
+        assert not any(name.startswith("model") for name in files)
+        diff = SparseDiff.from_pretrained(folder)
+        assert_same_diff(diff, SparseDiff.from_model(model))
+        assert diff.base_model == {"name_or_path": str(base_dir), "revision": None}
+        assert diff.info["trainer"] == {"global_step": 2, "stage": stage, "l0_lambda": 1e-4, "diff_lr": 1e-2,
+                                        "log_alpha_lr": 0.1, "dense_lr": None}
+        fresh = AutoModelForSequenceClassification.from_pretrained(diff.base_model["name_or_path"]).eval()
+        torch.testing.assert_close(diff.apply(fresh)(x).logits, model.eval()(x).logits, rtol=0, atol=1e-6)
