@@ -119,7 +119,8 @@ def test_quick_stage_dry_run_bundles_every_step_and_stops_an_overrun(tmp_path):
            "GPU_CHECK_BUDGET": str(budget), "DPKERNELS_COMMIT": "dryrun1", "DRYRUN_CALLS": str(calls),
            "DRYRUN_CPU_ARGS": json.dumps(CPU_ARGS), "DRYRUN_STAND_INS": json.dumps(STAND_INS),
            "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("DPKERNELS_QUICK", None)
+    for name in ("DPKERNELS_QUICK", "TESTS_TIMEOUT", "TEST_WORKERS", "PEFT_WHEEL"):  # the script's other knobs
+        env.pop(name, None)
     start = time.monotonic()
     run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "quick"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=budget + 60)
