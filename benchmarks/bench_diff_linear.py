@@ -21,6 +21,7 @@ backward; the L0 gradient included in the L0 stage). The fused/unfused pair at s
 counts is what sets the crossover of ops.FUSED_MAX_TOKENS.
 
     python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 64,512,8192] [--shapes 4096x11008]
+    python -m benchmarks.bench_diff_linear --layers 8192x4096x11008,512x4096x4096 --providers nn.Linear,triton
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ import time
 import torch
 
 import dpkernels
-from benchmarks.common import cuda_extension_loads, environment, measure, print_table, write_rows
+from benchmarks.common import (
+    check_providers,
+    cuda_extension_loads,
+    dims_list,
+    environment,
+    measure,
+    print_table,
+    write_rows,
+)
 from dpkernels import ops, reference
 
 DEFAULT_SHAPES = "768x3072,3072x768,1024x4096,4096x1024,4096x4096,4096x11008"
 L0_LAMBDA = 1e-3
+# The providers _providers builds, in its order.
+PROVIDERS = ("nn.Linear", "torch", "torch.compile", "triton", *(f"triton-{path}" for path in ops._PATHS),
+             "triton-unfused-overlap", "cuda", "fixed-mask", "fixed-mask-overlap")
 
 
 def _providers(k: int, n: int, device: str):
@@ -85,58 +97,58 @@ def _providers(k: int, n: int, device: str):
     }
 
 
-def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers: list[str],
-        out: str | None = None) -> list[dict]:
-    """The rows; with `out`, the CSV/JSON are rewritten after each shape, so that a run stopped at a
-    time limit keeps what it measured."""
+def run(device: str, layers: list[tuple[int, int, int]], providers: list[str], out: str | None = None) -> list[dict]:
+    """The rows of each (M tokens, K, N) layer in turn; with `out`, the CSV/JSON are rewritten after
+    each layer, so that a run stopped at a time limit keeps what it measured."""
     env = environment(device)
     rows = []
     start = time.perf_counter()
-    for k, n in shapes:
-        available = _providers(k, n, device)
-        for m in tokens:
-            x = torch.randn(m, k, device=device, requires_grad=True)
-            gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-            for name in providers:
-                fn, params = available[name]
+    available, built_for = None, None
+    for m, k, n in layers:
+        if built_for != (k, n):  # one set of modules per weight shape, shared by its token counts
+            available, built_for = _providers(k, n, device), (k, n)
+        x = torch.randn(m, k, device=device, requires_grad=True)
+        gy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        for name in providers:
+            fn, params = available[name]
 
-                def forward(fn=fn, x=x):
-                    with torch.autocast(device_type=device, dtype=torch.bfloat16):
-                        return fn(x)
+            def forward(fn=fn, x=x):
+                with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                    return fn(x)
 
-                def graph(fn=fn, x=x, gy=gy):
-                    """(outputs, their gradients) of one forward; the compiled reference adds E[L0] to the loss."""
-                    y, penalty = forward(fn, x)
-                    if penalty is None:
-                        return [y], [gy]
-                    return [y, penalty], [gy, torch.ones_like(penalty)]
+            def graph(fn=fn, x=x, gy=gy):
+                """(outputs, their gradients) of one forward; the compiled reference adds E[L0] to the loss."""
+                y, penalty = forward(fn, x)
+                if penalty is None:
+                    return [y], [gy]
+                return [y, penalty], [gy, torch.ones_like(penalty)]
 
-                def backward(outputs, grads, params=params, x=x, retain=False):
-                    # autograd.grad, not .backward: no accumulation into .grad between repetitions
-                    return torch.autograd.grad(outputs, [x, *params], grads, retain_graph=retain)
+            def backward(outputs, grads, params=params, x=x, retain=False):
+                # autograd.grad, not .backward: no accumulation into .grad between repetitions
+                return torch.autograd.grad(outputs, [x, *params], grads, retain_graph=retain)
 
-                def full():
-                    return backward(*graph())
+            def full():
+                return backward(*graph())
 
-                def backward_only():
-                    outputs, grads = graph()
-                    return lambda: backward(outputs, grads, retain=True)
+            def backward_only():
+                outputs, grads = graph()
+                return lambda: backward(outputs, grads, retain=True)
 
-                for mode in ("forward", "backward", "full"):
-                    if mode == "backward" and name == "torch.compile":
-                        # Its compiled backward donates saved buffers, which a retained graph
-                        # forbids; turning donation off would raise its peak in the other rows.
-                        continue
-                    case = forward if mode == "forward" else full if mode == "full" else backward_only()
-                    with torch.no_grad() if mode == "forward" else torch.enable_grad():
-                        ms, q20, q80, peak = measure(case, device)
-                    del case  # the retained graph of the backward mode
-                    rows.append(dict(op="diff_linear", provider=name, mode=mode, shape=f"{m}x{k}->{n}",
-                                     dtype="bf16-autocast", ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak,
-                                     gbps=float("nan"), **env))
+            for mode in ("forward", "backward", "full"):
+                if mode == "backward" and name == "torch.compile":
+                    # Its compiled backward donates saved buffers, which a retained graph
+                    # forbids; turning donation off would raise its peak in the other rows.
+                    continue
+                case = forward if mode == "forward" else full if mode == "full" else backward_only()
+                with torch.no_grad() if mode == "forward" else torch.enable_grad():
+                    ms, q20, q80, peak = measure(case, device)
+                del case  # the retained graph of the backward mode
+                rows.append(dict(op="diff_linear", provider=name, mode=mode, shape=f"{m}x{k}->{n}",
+                                 dtype="bf16-autocast", ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak,
+                                 gbps=float("nan"), **env))
         if out is not None:
             write_rows(rows, out, "bench_diff_linear")
-        print(f"bench_diff_linear: {k}->{n} done, {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"bench_diff_linear: {m}x{k}->{n} done, {time.perf_counter() - start:.0f} s", flush=True)
     for name in ("DPKERNELS_BACKEND", "DPKERNELS_DIFF_LINEAR", "DPKERNELS_OVERLAP_WGRAD"):
         os.environ.pop(name, None)
     return rows
@@ -145,8 +157,11 @@ def run(device: str, tokens: list[int], shapes: list[tuple[int, int]], providers
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokens", default="64,512,8192")
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of KxN (in x out features)")
+    parser.add_argument("--tokens", type=dims_list("M"), default="64,512,8192", help="comma list of token counts M")
+    parser.add_argument("--shapes", type=dims_list("KxN"), default=DEFAULT_SHAPES,
+                        help="comma list of KxN (in x out features), each at every --tokens count")
+    parser.add_argument("--layers", type=dims_list("MxKxN"), default=None,
+                        help="comma list of MxKxN (tokens x in x out), in this order, instead of --tokens x --shapes")
     parser.add_argument("--providers", default=None, help="default: all on CUDA; nn.Linear,torch on CPU")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args(argv)
@@ -156,11 +171,11 @@ def main(argv=None) -> int:
         "triton-fused-wgrad,triton-unfused-overlap,fixed-mask,fixed-mask-overlap"
     default = gpu_default if args.device == "cuda" else "nn.Linear,torch"
     providers = (args.providers or default).split(",")
+    check_providers(parser, providers, PROVIDERS)
     if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_diff_linear"):
         providers.append("cuda")
-    tokens = [int(t) for t in args.tokens.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    rows = run(args.device, tokens, shapes, providers, args.out)
+    layers = args.layers or [(m, k, n) for k, n in args.shapes for (m,) in args.tokens]
+    rows = run(args.device, layers, providers, args.out)
     print_table(rows)
     print("wrote", *write_rows(rows, args.out, "bench_diff_linear"))
     return 0

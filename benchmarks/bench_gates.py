@@ -16,12 +16,21 @@ import os
 
 import torch
 
-from benchmarks.common import cuda_extension_loads, environment, measure, print_table, write_rows
+from benchmarks.common import (
+    check_providers,
+    cuda_extension_loads,
+    dims_list,
+    environment,
+    measure,
+    print_table,
+    write_rows,
+)
 from dpkernels.backends import load
 
 DEFAULT_SHAPES = "768x3072,4096x4096,4096x11008"
 GATES = (-1.5, 1.5, 1.0)  # l, r, beta
 BYTES_PER_ELEMENT = {"forward": 12, "backward": 18}
+PROVIDERS = ("torch", "triton", "cuda", "copy")
 
 
 def _copy(nbytes: int, device: str):
@@ -67,7 +76,8 @@ def run(device: str, shapes: list[tuple[int, int]], providers: list[str]) -> lis
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+    parser.add_argument("--shapes", type=dims_list("NxK"), default=DEFAULT_SHAPES,
+                        help="comma list of NxK weight shapes")
     parser.add_argument("--providers", default=None,
                         help="comma list of torch,triton,cuda,copy (default: all on CUDA, cuda when the extension "
                              "is built; torch on CPU)")
@@ -77,10 +87,10 @@ def main(argv=None) -> int:
         print("bench_gates: no CUDA device; running the torch provider only, as a smoke test (CPU times say "
               "nothing about the GPU kernels)")
     providers = (args.providers or ("torch,triton,copy" if args.device == "cuda" else "torch")).split(",")
+    check_providers(parser, providers, PROVIDERS)
     if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_gates"):
         providers.insert(2, "cuda")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    rows = run(args.device, shapes, providers)
+    rows = run(args.device, args.shapes, providers)
     print_table(rows)
     print("wrote", *write_rows(rows, args.out, "bench_gates"))
     return 0

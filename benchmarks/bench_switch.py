@@ -43,12 +43,13 @@ import torch
 from transformers import BertConfig, BertModel
 
 import dpkernels
-from benchmarks.common import cuda_extension_loads, environment, measure, print_table, write_rows
+from benchmarks.common import check_providers, cuda_extension_loads, environment, measure, print_table, write_rows
 from dpkernels import SparseDiff, TaskSwitcher
 from dpkernels.nn import iter_gated
 
 LARGE = dict(layers=24, hidden=1024, heads=16, vocab=30522)
 SMOKE = dict(layers=2, hidden=128, heads=2, vocab=1000)
+PROVIDERS = ("triton", "cuda", "torch", "index_add", "dense")
 
 
 @contextlib.contextmanager
@@ -202,6 +203,7 @@ def main(argv=None) -> int:
     sizes = {**defaults, **given}
     providers = (args.providers or ("triton,torch,index_add,dense" if args.device == "cuda"
                                     else "torch,index_add,dense")).split(",")
+    check_providers(parser, providers, PROVIDERS)
     if args.providers is None and args.device == "cuda" and cuda_extension_loads("bench_switch"):
         providers.insert(1, "cuda")
     rows, summary = run(args.device, sizes, args.sparsity, providers)

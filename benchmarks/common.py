@@ -10,6 +10,7 @@ and peak_mb is NaN (no allocator statistics).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -94,6 +95,31 @@ def measure(fn, device: str, *, warmup: int = 3, reps: int = 20, rep_ms: int = 1
         times.append((time.perf_counter() - t0) * 1e3)
     q = torch.tensor(times).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
     return q[1], q[0], q[2], float("nan")
+
+
+def check_providers(parser: argparse.ArgumentParser, providers: list[str], known: tuple[str, ...]) -> None:
+    """An argparse error naming the providers that are not `known` (a typo would measure nothing or
+    the wrong thing, found out only after the run)."""
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        parser.error(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
+def dims_list(form: str):
+    """An argparse type for a comma list of `form` ("KxN": 2 positive integers joined by 'x', "M": one):
+    "4096x11008,768x3072" -> [(4096, 11008), (768, 3072)]; anything else is an error naming the entry."""
+    count = form.count("x") + 1
+
+    def parse(text: str) -> list[tuple[int, ...]]:
+        entries = []
+        for entry in text.split(","):
+            parts = entry.strip().split("x")
+            if len(parts) != count or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise argparse.ArgumentTypeError(f"{entry!r} is not {form} (positive integers)")
+            entries.append(tuple(int(p) for p in parts))
+        return entries
+
+    return parse
 
 
 def write_rows(rows: list[dict], out_dir: str, name: str) -> tuple[str, str]:

@@ -130,3 +130,30 @@ def far_from_clamp(log_alpha: torch.Tensor, seed, offset: int, training: bool, l
         s = torch.sigmoid(la)
     sbar = s * (r - l) + l
     return (sbar.abs() > 1e-5) & ((sbar - 1).abs() > 1e-5)
+
+
+QUICK = os.environ.get("DPKERNELS_QUICK") == "1"  # the quick GPU run's subset of the cuda-marked tests
+_QUICK_SUMMARY = pytest.StashKey[str]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """DPKERNELS_QUICK=1: of the cuda-marked tests, only those tests/_quick.py picks (every GPU kernel
+    at a small and a real shape), the real-shape ones first."""
+    if not QUICK:
+        return
+    from _quick import select
+
+    cuda_marked = sum(item.get_closest_marker("cuda") is not None for item in items)
+    try:
+        kept, deselected = select(items)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    items[:] = kept
+    config.stash[_QUICK_SUMMARY] = (f"DPKERNELS_QUICK=1: {cuda_marked - len(deselected)} of {cuda_marked} "
+                                    "cuda-marked tests")
+
+
+def pytest_report_collectionfinish(config):
+    return config.stash.get(_QUICK_SUMMARY, [])

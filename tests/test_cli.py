@@ -439,6 +439,27 @@ def test_benchmark_scripts_smoke(tmp_path):
     assert {r["provider"] for r in rows} == {"nn.Linear", "torch"} and all(r["ms"] > 0 for r in rows)
 
 
+def test_bench_diff_linear_layers_run_in_order_and_bad_options_are_errors(tmp_path, capsys):
+    from benchmarks import bench_diff_linear, bench_gates, bench_switch
+
+    assert tuple(bench_diff_linear._providers(2, 3, "cpu")) == bench_diff_linear.PROVIDERS
+    assert bench_diff_linear.main(["--device", "cpu", "--layers", "3x16x8,2x8x16,5x16x8", "--providers", "nn.Linear",
+                                   "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_diff_linear.json").read_text())
+    assert [r["shape"] for r in rows if r["mode"] == "full"] == ["3x16->8", "2x8->16", "5x16->8"]
+    for bench_main, argv, message in [
+        (bench_diff_linear.main, ["--layers", "8x16"], "argument --layers: '8x16' is not MxKxN (positive integers)"),
+        (bench_diff_linear.main, ["--shapes", "16x0"], "argument --shapes: '16x0' is not KxN"),
+        (bench_diff_linear.main, ["--tokens", "4,x"], "argument --tokens: 'x' is not M"),
+        (bench_diff_linear.main, ["--providers", "nn.Linear,trition"], "unknown provider(s) trition; choose from"),
+        (bench_gates.main, ["--providers", "triton,cpy"], "unknown provider(s) cpy; choose from torch, triton"),
+        (bench_switch.main, ["--providers", "trition"], "unknown provider(s) trition; choose from triton"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            bench_main(["--device", "cpu", "--out", str(tmp_path), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_runs_the_suite_quick_on_cpu(tmp_path, capsys):
     code, out, err = run_cli(["bench", "--quick", "--device", "cpu", "--out", tmp_path], capsys)
     assert code == 0, err

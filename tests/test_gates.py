@@ -108,8 +108,12 @@ def test_non_finite_log_alpha_raises(device_backend, bad):
 @pytest.mark.parametrize("training", [True, False])
 def test_gate_forward_effective_weight(device_backend, base_dtype, out_dtype, training):
     device, _ = device_backend
-    gen = torch.Generator().manual_seed(11)
-    shape = (37, 29)
+    _check_gate_forward(device, (37, 29), base_dtype, out_dtype, training)
+
+
+def _check_gate_forward(device, shape, base_dtype, out_dtype, training, seed=11):
+    """The effective weight theta0 + z * w of the selected backend vs float64, by DESIGN.md's rule."""
+    gen = torch.Generator().manual_seed(seed)
     theta0 = torch.randn(shape, generator=gen).to(device=device, dtype=base_dtype)
     w = (torch.randn(shape, generator=gen) * 0.1).to(device)
     la = _log_alpha(shape, device, gen)
@@ -137,7 +141,11 @@ def _backward_case(device, g_dtype, n=4231, seed=1):
 @pytest.mark.parametrize("cfg", GATE_CONFIGS)
 def test_gate_backward_matches_reference(device_backend, g_dtype, training, l0_lambda, cfg):
     device, _ = device_backend
-    g, w, la = _backward_case(device, g_dtype)
+    _check_gate_backward(*_backward_case(device, g_dtype), training, l0_lambda, cfg)
+
+
+def _check_gate_backward(g, w, la, training, l0_lambda, cfg):
+    """The gate gradients of the selected backend vs float64 (away from the clamp), by DESIGN.md's rule."""
     seed, offset = 2**63 + 5, 123
     args = (seed, offset, training, cfg["l"], cfg["r"], cfg["beta"], l0_lambda)
     gw, gla = select("test", la.device, la.dtype).gate_backward(g, w, la, *args)
@@ -148,6 +156,21 @@ def test_gate_backward_matches_reference(device_backend, g_dtype, training, l0_l
     atol = 8 * torch.finfo(torch.float32).eps * scale
     assert_close_by_rule(gw, tw, ow, atol, "grad_diff")
     assert_close_by_rule(gla[far], tla[far], ola[far], atol, "grad_log_alpha")
+
+
+# One real layer (LLaMA-7B's MLP, 45M gates) on a GPU: every block of the grid, counters far into the
+# stream; on the CPU a stand-in with a few blocks, so that the check itself runs in CI.
+REAL_LAYER = {"cuda": (4096, 11008), "cpu": (61, 83)}
+
+
+def test_gate_kernels_at_a_real_layer_shape(device_backend):
+    """Gate-apply (bf16 base -> bf16 weight, as under autocast) and gate-backward (bf16 gradient)
+    at a real layer shape, in training."""
+    device, _ = device_backend
+    shape = REAL_LAYER[device]
+    _check_gate_forward(device, shape, torch.bfloat16, torch.bfloat16, True, seed=12)
+    g, w, la = _backward_case(device, torch.bfloat16, n=shape[0] * shape[1], seed=13)
+    _check_gate_backward(g.view(shape), w.view(shape), la.view(shape), True, 1e-3, GATE_CONFIGS[0])
 
 
 def test_gate_backward_accumulates_into_given_buffers(device_backend):

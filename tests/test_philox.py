@@ -79,6 +79,18 @@ def test_reference_philox_matches_tl_rand_bit_for_bit(seed, device):
     assert (u_ref >= 0).all() and (u_ref < 1).all()
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_reference_philox_matches_tl_rand_over_a_real_layers_counters(device):
+    """The counters one gate draw of a LLaMA-7B MLP weight takes (45M, from an offset that crosses
+    the high word's boundary) on a GPU, bit for bit; on the CPU a stand-in of a few blocks."""
+    n = 4096 * 11008 if device == "cuda" else 3000
+    offsets = torch.arange(n, device=device) + (2**32 - n // 2)
+    seed = 2**63 + 12345
+    u_triton, i_triton = _triton_rand(seed, offsets)
+    assert torch.equal(ref.philox_randint(seed, offsets), i_triton)
+    assert torch.equal(ref.philox_uniform(seed, offsets).view(torch.int32), u_triton.view(torch.int32))
+
+
 def test_negative_seed_is_twos_complement():
     offsets = torch.arange(100)
     assert torch.equal(ref.philox_uniform(-1, offsets), ref.philox_uniform(2**64 - 1, offsets))

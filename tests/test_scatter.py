@@ -10,7 +10,7 @@ import torch
 import dpkernels
 from dpkernels import SparseDiff, TaskSwitcher, backends, sparse
 from dpkernels import reference as ref
-from tests.conftest import TRITON_DEVICES, same_bits
+from tests.conftest import _CASES, TRITON_DEVICES, _case_marks, same_bits
 from tests.test_sparse import Net, assert_same_bits, bits, contract_merge, random_diff
 
 
@@ -36,23 +36,41 @@ def _layout(sizes, density, dtype, device, gen, index_dtype=torch.int32):
 def test_triton_scatter_matches_the_reference_bitwise(device, dtype, index_dtype):
     from dpkernels.backends import triton as tri
 
+    _check_scatter(tri, [1, 9, 341, 4231, 2, 1030], 0.3, dtype, device, index_dtype)
+
+
+def _check_scatter(kernels, sizes, density, dtype, device, index_dtype=torch.int32):
+    """kernels' scatter_apply (merged base and saved entries) bit for bit the reference's, and its
+    scatter_restore the original base bit for bit."""
     gen = torch.Generator().manual_seed(0)
-    sizes = [1, 9, 341, 4231, 2, 1030]
-    targets, table, ids, index, values, starts = _layout(sizes, 0.3, dtype, device, gen, index_dtype)
+    targets, table, ids, index, values, starts = _layout(sizes, density, dtype, device, gen, index_dtype)
     originals = [t.clone() for t in targets]
     ref_targets = [t.clone() for t in targets]
     ref_saved = torch.empty(ids.numel(), dtype=dtype, device=device)
     ref.scatter_apply(ref_targets, None, ids, index, values, starts, ref_saved)
     saved = torch.full((ids.numel(),), float("nan"), dtype=dtype, device=device)  # poisoned: must be written
-    tri.scatter_apply(targets, table, ids, index, values, starts, saved)
+    kernels.scatter_apply(targets, table, ids, index, values, starts, saved)
     assert same_bits(saved, ref_saved)
     for t, r in zip(targets, ref_targets, strict=True):
         assert same_bits(t, r)
     changed = sum(int((t != o).sum()) for t, o in zip(targets, originals, strict=True))
     assert changed > 0  # not vacuous (deltas below half an ulp of the base round away, by design of the data)
-    tri.scatter_restore(targets, table, ids, index, starts, saved)
+    kernels.scatter_restore(targets, table, ids, index, starts, saved)
     for t, o in zip(targets, originals, strict=True):
         assert same_bits(t, o)
+
+
+# The scatter kernels' backends (the torch backend's scatter is the reference itself).
+_SCATTER_KERNELS = [pytest.param((d, b), id=f"{d}-{b}", marks=_case_marks(d, b)) for d, b in _CASES if b != "torch"]
+
+
+@pytest.mark.parametrize("case", _SCATTER_KERNELS)
+def test_scatter_kernels_at_a_real_model_size(case):
+    """A 0.5% diff over a LLaMA-7B MLP weight and bias, an attention weight and a LayerNorm (about
+    310k entries in one launch) on a GPU; a stand-in of a few thousand entries on the CPU."""
+    device, backend = case
+    sizes = [4096 * 11008, 11008, 4096 * 4096, 4096] if device == "cuda" else [20_000, 83, 9_000, 64]
+    _check_scatter(backends.load(backend), sizes, 0.005 if device == "cuda" else 0.2, torch.bfloat16, device)
 
 
 def test_reference_scatter_is_the_rounded_fp32_sum():
