@@ -86,9 +86,10 @@ def test_reference_philox_matches_tl_rand_over_a_real_layers_counters(device):
     n = 4096 * 11008 if device == "cuda" else 3000
     offsets = torch.arange(n, device=device) + (2**32 - n // 2)
     seed = 2**63 + 12345
-    u_triton, i_triton = _triton_rand(seed, offsets)
+    u_triton, i_triton, u_own = _triton_rand(seed, offsets)
     assert torch.equal(ref.philox_randint(seed, offsets), i_triton)
     assert torch.equal(ref.philox_uniform(seed, offsets).view(torch.int32), u_triton.view(torch.int32))
+    assert torch.equal(u_own.view(torch.int32), u_triton.view(torch.int32))
 
 
 def test_negative_seed_is_twos_complement():
