@@ -65,8 +65,8 @@ def test_triton_sddmm_paths(device, path, m, k, n, monkeypatch, triton_sddmm_mod
     dense GEMM + gather where gathers_cheaper says no."""
     monkeypatch.setattr(triton_sddmm_module, "gathers_cheaper", lambda *shape: path != "dense GEMM")
     if path == "gathers in token chunks":
-        monkeypatch.setattr(triton_sddmm_module, "CHUNK_BYTES", 1)  # BLOCK_M (128) tokens a launch
-        assert triton_sddmm_module.tokens_per_launch(m, k, 2) == min(m, 128)
+        monkeypatch.setattr(triton_sddmm_module, "CHUNK_BYTES", 1)  # BLOCK_M (8 in bf16) tokens a launch
+        assert triton_sddmm_module.tokens_per_launch(m, k, 2) == min(m, 8)
     gen = torch.Generator().manual_seed(m * k + n)
     gy = torch.randn(m, n, generator=gen).to(device, torch.bfloat16)
     x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)

@@ -171,7 +171,8 @@ def test_sddmm_kernel_stays_inside_its_tensors(device, m, k, n, monkeypatch):
     tk, gen = load("triton"), torch.Generator().manual_seed(m + k + n)
     module = importlib.import_module("dpkernels.backends.triton.sddmm")
     monkeypatch.setattr(module, "gathers_cheaper", lambda *shape: True)  # the kernel, not the dense GEMM
-    monkeypatch.setattr(module, "CHUNK_BYTES", 1)  # one launch per BLOCK_M tokens: m = 130 takes two
+    monkeypatch.setattr(module, "CHUNK_BYTES", 1)  # one launch per BLOCK_M tokens: several at m = 9 and 130
+    monkeypatch.setattr(module, "_BLOCK_J", 32)  # several programs over these few entries
     index = torch.randperm(n * k, generator=gen)[: max(1, n * k // 3)].sort().values.to(device)
     accesses = _run_guarded(lambda **a: tk.sddmm(a["gy"], a["x"], index, k),
                             dict(gy=_randn(gen, m, n), x=_randn(gen, m, k)), device)

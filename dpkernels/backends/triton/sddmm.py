@@ -3,13 +3,15 @@
     out[j] = sum_m dY[m, row_j] * X[m, col_j],     row_j = index_j // K,  col_j = index_j % K
 
 Each program takes BLOCK_J consecutive entries of the sorted mask (a fixed-size chunk: the same
-work per program whatever the rows' fill) and dots, BLOCK_M tokens at a time, the rows dY^T[row_j]
-and X^T[col_j] (transposed once per call so that each gathered row is contiguous in M: coalesced
-16-byte loads). Sorted entries share their dY^T rows (about 20 per row at 0.5% of 4096 columns),
-so the rows of dY^T are read about once; each entry reads its own X^T row. The tokens are taken
-in chunks of CHUNK_BYTES of X^T, one launch each, in order: a chunk of X^T stays in L2 while every
-program gathers from it (the whole of X^T, 67 MB at 8192 x 4096 in bf16, would not). Later chunks
-add to the first's sums (fixed order: the result is deterministic).
+work per program whatever the rows' fill) and steps through the tokens one 16-byte vector of X^T at
+a time (BLOCK_M tokens). X is transposed once per call so that each entry's X^T row is contiguous
+in M; dY is read where it lies: a warp's lanes hold consecutive entries, which sorted fall on a few
+neighbouring rows, so each token's dY loads hit one or two sectors, which the program's warps
+share through L1 (no transposed copy of dY, the larger operand). Each entry reads its own X^T row:
+2 B per entry and token, the traffic that bounds the kernel. The tokens are taken in chunks of
+CHUNK_BYTES of X^T, one launch each, in order: a chunk of X^T stays in L2 while every program
+gathers from it (the whole of X^T, 67 MB at 8192 x 4096 in bf16, would not). Later chunks add to
+the first's sums (a fixed order: the result is deterministic).
 
 Where the mask is dense enough, one GEMM with an fp32 output and a gather cost less than the
 gathers: ``gathers_cheaper`` decides by the cost model, per shape.
@@ -23,8 +25,7 @@ import triton.language as tl
 
 from .device_guard import on_tensor_device
 
-_BLOCK_J = 32
-_BLOCK_M = 128
+_BLOCK_J = 256
 _NUM_WARPS = 4
 # Tokens per launch: X^T's chunk of this many bytes stays resident in L2 (50-60 MB on Hopper),
 # beside the streamed dY^T rows.
@@ -37,43 +38,47 @@ L2_BANDWIDTH, DRAM_BANDWIDTH, TENSOR_FLOPS = 6.0e12, 4.3e12, 788e12
 def gathers_cheaper(m: int, n: int, k: int, nnz: int) -> bool:
     """Whether the kernel's gathers are predicted faster than one GEMM + gather at M x K -> N.
 
-    Per token, the gathers move 2 B of X^T per entry from L2 (the dY^T rows, shared by a row's
-    entries, add little) and the transposes 2 x 2 B per element of dY and X through DRAM; the GEMM
-    does 2 N K FLOPs. So the gathers win below a density of about (L2 / tensor rate) (1 - transposes /
-    GEMM): ~0.66% at 4096 -> 11008, ~0.3% at 768 -> 3072 (where the transposes are 60% of the GEMM).
+    Per token, the gathers move 2 B of X^T per entry from L2 (dY's rows, shared by sorted entries,
+    add little), the transpose of X 2 x 2 B per element of X through DRAM, and dY is read once (2 B
+    per element); the GEMM does 2 N K FLOPs. So the gathers win below a density of about
+    (L2 / tensor rate) (1 - DRAM bytes / GEMM): ~0.7% at 4096 -> 11008, ~0.5% at 768 -> 3072.
     The same for fp32 inputs: twice the bytes, half the (TF32) rate."""
-    gathers = 2.0 * nnz * m / L2_BANDWIDTH + 4.0 * m * (n + k) / DRAM_BANDWIDTH
+    gathers = 2.0 * nnz * m / L2_BANDWIDTH + 2.0 * m * (n + 2 * k) / DRAM_BANDWIDTH
     return gathers < 2.0 * m * n * k / TENSOR_FLOPS
 
 
 @triton.jit(do_not_specialize=["nnz"])
 def _sddmm_kernel(
-    DYT_ptr,  # dY^T, (N, M), any float dtype, rows contiguous
-    XT_ptr,  # X^T, (K, M), any float dtype, rows contiguous
+    DY_ptr,  # dY (M, N), any float dtype, any strides
+    XT_ptr,  # X^T (K, M), any float dtype, rows contiguous
     INDEX_ptr,  # int64 flat index row * K + col of each entry, sorted
     OUT_ptr,  # fp32 gradient per entry: written (first chunk) or accumulated into
     nnz,  # number of entries
     K,  # in_features: row = index // K, col = index % K
     m_start,  # first token of this launch's chunk
     m_end,  # one past its last token
-    stride_dyt,  # row stride of dY^T
+    stride_dym, stride_dyn,  # strides of dY
     stride_xt,  # row stride of X^T
     ACCUMULATE: tl.constexpr,  # add to OUT (chunks after the first)
     BLOCK_J: tl.constexpr,  # entries per program
-    BLOCK_M: tl.constexpr,  # tokens per step
+    BLOCK_M: tl.constexpr,  # tokens per step: one 16-byte vector of X^T per entry
 ):
     j = tl.program_id(0).to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_in = j < nnz
     index = tl.load(INDEX_ptr + j, mask=j_in, other=0)
     rows = index // K
     cols = index - rows * K
-    dy_rows = DYT_ptr + rows[:, None] * stride_dyt
+    # [BLOCK_J, BLOCK_M] tiles, BLOCK_M = one vector: each thread holds whole token runs of its entries
+    # (one 16-byte load of its X^T row), and a warp's lanes are consecutive entries, so the dY loads
+    # of one token fall on the few neighbouring rows of sorted entries: one or two sectors, shared
+    # through L1 by the program's warps.
+    dy_cols = DY_ptr + rows[:, None] * stride_dyn
     x_rows = XT_ptr + cols[:, None] * stride_xt
     acc = tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.float32)  # reduced once, after the loop
     for m0 in range(m_start, m_end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         inside = j_in[:, None] & (m < m_end)[None, :]
-        dy = tl.load(dy_rows + m[None, :], mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_cols + m[None, :] * stride_dym, mask=inside, other=0.0).to(tl.float32)
         x = tl.load(x_rows + m[None, :], mask=inside, other=0.0).to(tl.float32)
         acc += dy * x
     total = tl.sum(acc, axis=1)
@@ -82,10 +87,16 @@ def _sddmm_kernel(
     tl.store(OUT_ptr + j, total, mask=j_in)
 
 
+def tokens_per_step(itemsize: int) -> int:
+    """BLOCK_M: the tokens of one 16-byte vector of X^T."""
+    return 16 // itemsize
+
+
 def tokens_per_launch(m: int, k: int, itemsize: int) -> int:
     """Tokens of one launch: a multiple of BLOCK_M whose X^T chunk fits CHUNK_BYTES (at least one step)."""
-    steps = max(1, CHUNK_BYTES // (k * itemsize * _BLOCK_M))
-    return min(m, steps * _BLOCK_M)
+    block = tokens_per_step(itemsize)
+    steps = max(1, CHUNK_BYTES // (k * itemsize * block))
+    return min(m, steps * block)
 
 
 def _dense(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -109,11 +120,11 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_feature
         return out.zero_()
     if not gathers_cheaper(m, n_rows, in_features, nnz):
         return _dense(grad_y, x, index)
-    dyt, xt = grad_y.t().contiguous(), x.t().contiguous()
+    xt = x.t().contiguous()
     chunk = tokens_per_launch(m, in_features, xt.element_size())
     grid = (triton.cdiv(nnz, _BLOCK_J),)
     for m_start in range(0, m, chunk):
-        _sddmm_kernel[grid](dyt, xt, index, out, nnz, in_features, m_start, min(m, m_start + chunk), dyt.stride(0),
-                            xt.stride(0), ACCUMULATE=m_start > 0, BLOCK_J=_BLOCK_J, BLOCK_M=_BLOCK_M,
-                            num_warps=_NUM_WARPS)
+        _sddmm_kernel[grid](grad_y, xt, index, out, nnz, in_features, m_start, min(m, m_start + chunk),
+                            grad_y.stride(0), grad_y.stride(1), xt.stride(0), ACCUMULATE=m_start > 0,
+                            BLOCK_J=_BLOCK_J, BLOCK_M=tokens_per_step(xt.element_size()), num_warps=_NUM_WARPS)
     return out
