@@ -71,17 +71,28 @@ class Function:
     def histogram(self, instructions=None) -> collections.Counter:
         return collections.Counter(i.opcode for i in (self.instructions if instructions is None else instructions))
 
-    def loop_body(self, containing: str | None = None) -> list[Instruction]:
-        """The instructions of the innermost-largest loop (or of the largest loop holding an
-        instruction whose opcode starts with `containing`, e.g. "LDG.E.128" for a vector path)."""
+    def loop_span(self, containing: str | None = None) -> tuple[int, int] | None:
+        """(start, end) indices of the largest loop (or of the largest loop holding an instruction
+        whose opcode starts with `containing`, e.g. "LDG.E.128" for a vector path), or None."""
         loops = self.loops
         if containing is not None:
             loops = [(s, e) for s, e in loops
                      if any(i.opcode.startswith(containing) for i in self.instructions[s:e + 1])]
-        if not loops:
+        return max(loops, key=lambda se: se[1] - se[0]) if loops else None
+
+    def loop_body(self, containing: str | None = None) -> list[Instruction]:
+        """The instructions of the loop that loop_span picks ([] when there is none)."""
+        span = self.loop_span(containing)
+        return self.instructions[span[0]:span[1] + 1] if span else []
+
+    def other_loops(self, containing: str | None = None) -> list[Instruction]:
+        """The instructions of every loop disjoint from the one loop_span picks (e.g. a grid-stride
+        kernel's scalar tail loop beside its vector loop)."""
+        span = self.loop_span(containing)
+        if span is None:
             return []
-        s, e = max(loops, key=lambda se: se[1] - se[0])
-        return self.instructions[s:e + 1]
+        idle = sorted({k for s, e in self.loops if e < span[0] or s > span[1] for k in range(s, e + 1)})
+        return [self.instructions[k] for k in idle]
 
     def memory_ops(self, instructions=None) -> collections.Counter:
         """Global loads and stores by opcode (LDG.E.128 is a 16-byte access per thread)."""
@@ -97,8 +108,9 @@ def access_bytes(opcode: str) -> int:
     return 4
 
 
-def disassemble(binary: bytes | str) -> dict[str, Function]:
-    """Functions of a cubin (bytes) or of an ELF/.so holding sm_90 cubins (path), by mangled name."""
+def disassemble(binary: bytes | str, arch: str = "sm_90") -> dict[str, Function]:
+    """Functions of a cubin (bytes) or of an ELF/.so holding cubins (path), by mangled name: those
+    built for `arch` only (an extension built for sm_80 and sm_90 holds each kernel twice)."""
     with contextlib.ExitStack() as stack:
         if isinstance(binary, bytes):
             f = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".cubin"))
@@ -107,8 +119,9 @@ def disassemble(binary: bytes | str) -> dict[str, Function]:
             path = f.name
         else:
             path = binary
-        sass = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True,
+        cuobjdump = [tool("cuobjdump"), "-arch", arch]
+        sass = subprocess.run([*cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([*cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                                check=True).stdout
     functions: dict[str, list[Instruction]] = {}
     current = None

@@ -87,6 +87,10 @@ class Work:
     trips: int = 1  # iterations of the kernel's main loop per CTA (1: straight-line code)
     elements: int = 0  # output elements, for per-element figures (elementwise kernels)
     loop_marker: str | None = None  # an opcode prefix that identifies the main loop (see Function.loop_body)
+    # True: of the kernel's loops only the main one runs (a grid-stride kernel's scalar tail loop runs
+    # zero times on aligned tensors whose size is a multiple of the pack), so the other loops'
+    # instructions are not counted and the access widths are the main loop's.
+    main_loop_only: bool = False
 
 
 @dataclass
@@ -143,8 +147,10 @@ def analyse(op, backend, variant, shape, fn: Function, *, threads, ctas, work: W
     pass of the straight-line code or of one loop iteration (for per-element figures), or 0."""
     body = fn.loop_body(work.loop_marker) if work.trips > 1 or work.loop_marker else []
     body_count = fn.count(body)
-    dynamic = fn.count() + body_count * (work.trips - 1)
+    idle = fn.other_loops(work.loop_marker) if work.main_loop_only else []
+    dynamic = fn.count() - fn.count(idle) + body_count * (work.trips - 1)
     mufu_static = sum(n for op_, n in fn.histogram().items() if op_.startswith("MUFU"))
+    mufu_static -= sum(n for op_, n in fn.histogram(idle).items() if op_.startswith("MUFU"))
     mufu_body = sum(n for op_, n in fn.histogram(body).items() if op_.startswith("MUFU"))
     mufu = mufu_static + mufu_body * (work.trips - 1)
     unit_instructions = body_count if body else fn.count()
@@ -158,7 +164,7 @@ def analyse(op, backend, variant, shape, fn: Function, *, threads, ctas, work: W
     for gpu in (H200, H100):
         times[gpu.name] = predict(gpu, instructions_total=dynamic * threads * ctas, mufu_total=mufu * threads * ctas,
                                   work=work, ctas=ctas)
-    widths = sorted({access_bytes(o) for o in fn.memory_ops()})
+    widths = sorted({access_bytes(o) for o in fn.memory_ops(body if work.main_loop_only else None)})
     return Row(op, backend, variant, shape, fn.registers, fn.stack, fn.shared, ctas, ctas_per_sm(fn, threads), widths,
                dynamic, per_unit, per_mflop, mufu_per_unit, work.bytes, work.flops, times["H200"][0] * 1e6,
                times["H100"][0] * 1e6, times["H200"][1])
@@ -354,14 +360,27 @@ def scatter_cases() -> list[Case]:
 # ----------------------------------------------------------------------------------------------
 # The CUDA extension's kernels, from its sm_90 build (dpkernels/_C).
 
+# Mangled-name fragment: (op, DRAM bytes per element, the opcode prefix that marks the kernel's hot
+# loop). The gate kernels are the paper's configuration unless the op says otherwise: training,
+# beta = 1 (GateMode 2, kTrainBetaOne; 1 is kTrain, 0 kEval), the backward with the fused L0 term and
+# fresh gradients (template flags kHasL0 = true, kAccumulate = false). Their hot loop is the one
+# over whole aligned packs, the one holding the 16-byte loads (LDG.E.128); the scalar loop after it
+# (the n % 4 tail, or misaligned tensors) does not run for these shapes.
+_CUDA_KERNELS = {
+    "gate_forward_kernelI13__nv_bfloat16S2_Lb1ELNS_8GateModeE2EE": ("gate_forward apply bf16", 12, "LDG.E.128"),
+    "gate_forward_kernelI13__nv_bfloat16S2_Lb1ELNS_8GateModeE0EE": ("gate_forward eval apply bf16", 12, "LDG.E.128"),
+    "gate_forward_kernelI13__nv_bfloat16S2_Lb1ELNS_8GateModeE1EE": ("gate_forward apply bf16, beta=2/3", 12,
+                                                                    "LDG.E.128"),
+    "gate_forward_kernelIffLb0ELNS_8GateModeE2EE": ("gate_forward z (sample_gates)", 8, "LDG.E.128"),
+    "gate_backward_kernelI13__nv_bfloat16LNS_8GateModeE2ELb1ELb0EE": ("gate_backward bf16 g", 18, "LDG.E.128"),
+    "gate_backward_kernelI13__nv_bfloat16LNS_8GateModeE0ELb1ELb0EE": ("gate_backward eval bf16 g", 18, "LDG.E.128"),
+    # per entry as scatter_cases: id, index, value, the saved base, a 32-byte sector each way at the target
+    "scatter_kernelItiLb1E": ("scatter_apply bf16 (switch in)", 4 + 4 + 4 + 2 + 2 * 32, "LDG"),
+    "scatter_kernelItiLb0E": ("scatter_restore bf16 (switch out)", 4 + 4 + 2 + 2 * 32, "LDG"),
+}
 CUDA_VEC = 4  # csrc/packs.cuh kVec: elements per pack, one pack per grid-stride iteration
 CUDA_THREADS = 256
-_CUDA_KERNELS = {
-    # mangled-name fragment: (op, bytes per element)
-    "gate_forward_kernelI13__nv_bfloat16S2_Lb1E": ("gate_forward apply bf16", 12),
-    "gate_forward_kernelIffLb0E": ("gate_forward z (sample_gates)", 8),
-    "gate_backward_kernelI13__nv_bfloat16E": ("gate_backward bf16 g", 18),
-}
+CUDA_BLOCKS_PER_SM = 8  # csrc/bindings.cpp max_blocks_for_current_device: the grid's cap is 8 blocks per SM
 
 
 def _extension_path() -> str | None:
@@ -370,23 +389,31 @@ def _extension_path() -> str | None:
 
 
 def cuda_cases() -> list[Case]:
-    """The extension's gate kernels at 4096 x 11008: the grid-stride loop's body (the largest loop
-    holding a global load) counted per pack of CUDA_VEC elements."""
+    """The extension's gate kernels at 4096 x 11008 and its scatter over BERT-large's switch: the hot
+    grid-stride loop's body (see _CUDA_KERNELS) counted per pack of CUDA_VEC elements."""
     path = _extension_path()
     if path is None:
         return []
     functions = disassemble(path)
     n = 4096 * 11008
     cases = []
-    for fragment, (op, per_element) in _CUDA_KERNELS.items():
+    for fragment, (op, per_element, hot_loop) in _CUDA_KERNELS.items():
         matches = [f for name, f in functions.items() if fragment in name]
-        if not matches:
-            raise RuntimeError(f"the CUDA extension has no kernel matching {fragment!r}")
-        ctas = math.ceil(n / CUDA_VEC / CUDA_THREADS)
-        work = Work(bytes=n * per_element, elements=n, loop_marker="LDG")
-        cases.append(Case(op, "4096x11008", [analyse(op, "cuda", f"kVec={CUDA_VEC}, {CUDA_THREADS} threads",
-                                                     "4096x11008", matches[0], threads=CUDA_THREADS, ctas=ctas,
-                                                     work=work, per_thread_units=CUDA_VEC)]))
+        if len(matches) != 1:
+            raise RuntimeError(f"the CUDA extension has {len(matches)} kernels matching {fragment!r}, not one")
+        scatter = op.startswith("scatter")
+        elements = SWITCH_ENTRIES if scatter else n
+        shape = f"{elements} entries" if scatter else "4096x11008"
+        # The launch as bindings.cpp makes it: a block per 256 packs, capped at 8 blocks per SM (both
+        # GPUs have 132), the grid-stride loop taking the rest.
+        packs = math.ceil(elements / CUDA_VEC)
+        ctas = min(math.ceil(packs / CUDA_THREADS), CUDA_BLOCKS_PER_SM * H200.sms)
+        trips = math.ceil(packs / (ctas * CUDA_THREADS))
+        work = Work(bytes=elements * per_element, elements=elements, trips=trips, loop_marker=hot_loop,
+                    main_loop_only=not scatter)
+        cases.append(Case(op, shape, [analyse(op, "cuda", f"kVec={CUDA_VEC}, {CUDA_THREADS} threads", shape,
+                                              matches[0], threads=CUDA_THREADS, ctas=ctas, work=work,
+                                              per_thread_units=CUDA_VEC)]))
     return cases
 
 

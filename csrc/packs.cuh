@@ -49,13 +49,24 @@ struct alignas(sizeof(T) * kVec) Pack {
   T v[kVec];
 };
 
+// The pack at p as one vector access: p aligned to sizeof(Pack<T>), the pack wholly inside the array.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_whole_pack(const T* __restrict__ p) {
+  return *reinterpret_cast<const Pack<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_whole_pack(T* __restrict__ p, const Pack<T>& x) {
+  *reinterpret_cast<Pack<T>*>(p) = x;
+}
+
 // Elements base .. base + kVec - 1 of p (those < n); one vector load when the pack is whole and
 // aligned. Missing tail elements are left as they were (callers initialise them).
 template <typename T>
 __device__ __forceinline__ void load_pack(const T* __restrict__ p, int64_t base, int64_t n, bool vectorized,
                                           T (&x)[kVec]) {
   if (vectorized && base + kVec <= n) {
-    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(p + base);
+    const Pack<T> pack = load_whole_pack(p + base);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) x[k] = pack.v[k];
   } else {
@@ -72,7 +83,7 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t base, int6
     Pack<T> pack;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) pack.v[k] = x[k];
-    *reinterpret_cast<Pack<T>*>(p + base) = pack;
+    store_whole_pack(p + base, pack);
   } else {
 #pragma unroll
     for (int k = 0; k < kVec; ++k)
@@ -86,15 +97,22 @@ __device__ __forceinline__ void fill_pack(T (&x)[kVec], T value) {
   for (int k = 0; k < kVec; ++k) x[k] = value;
 }
 
-template <typename T>
-__device__ __forceinline__ void zero_pack(T (&x)[kVec]) {
-  fill_pack(x, Convert<T>::from_float(0.0f));
-}
-
 // This thread's first work item and the grid-stride step, in int64 (no 32-bit overflow).
 __device__ __forceinline__ int64_t first_item() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 
 __device__ __forceinline__ int64_t item_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// The grid-stride loops of an elementwise kernel over n elements: on_pack(base) for each whole pack
+// [base, base + kVec) when `vectorized` (every pointer pack-aligned), so the hot loop holds only the
+// vector path; then on_element(i) for each element left, the last n % kVec (all n when not
+// vectorized).
+template <typename OnPack, typename OnElement>
+__device__ __forceinline__ void for_each_element(int64_t n, bool vectorized, OnPack&& on_pack,
+                                                 OnElement&& on_element) {
+  const int64_t whole_packs = vectorized ? n / kVec : 0;
+  for (int64_t j = first_item(); j < whole_packs; j += item_stride()) on_pack(j * kVec);
+  for (int64_t i = whole_packs * kVec + first_item(); i < n; i += item_stride()) on_element(i);
+}
 
 // Whether p may be read and written in whole packs of T (nullptr: an unused argument, no constraint).
 template <typename T>

@@ -1,6 +1,7 @@
 // Philox4x32-10 and Triton's uniform mapping, bit-identical to triton.language.random and to
 // dpkernels.reference.philox_uniform. Host and device: the CPU test hooks in bindings.cpp compile
-// this same code with the host compiler, so CPU-only CI checks the stream bit for bit.
+// this same code with the host compiler, so CPU-only CI checks the stream bit for bit (all of it
+// but mul_wide's one PTX instruction, which the GPU tests check against tl.rand).
 #pragma once
 
 #include <cstdint>
@@ -26,35 +27,60 @@ struct PhiloxWords {
   uint32_t c0, c1, c2, c3;
 };
 
-DPK_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+// Both 32-bit halves of the 64-bit product of a and b. On the GPU one IMAD.WIDE.U32 (where
+// __umulhi and a low multiply take two); written in PTX because nvcc's optimizer otherwise
+// rewrites the product and the xors around it as 64-bit operations, which cost more.
+struct WideProduct {
+  uint32_t hi, lo;
+};
+
+DPK_HD WideProduct mul_wide(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
+  WideProduct p;
+  asm("{\n\t.reg .u64 t;\n\tmul.wide.u32 t, %2, %3;\n\tmov.b64 {%1, %0}, t;\n\t}"  // {lo, hi} = t
+      : "=r"(p.hi), "=r"(p.lo)
+      : "r"(a), "r"(b));
+  return p;
 #else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  return WideProduct{static_cast<uint32_t>(p >> 32), static_cast<uint32_t>(p)};
 #endif
 }
 
-// Ten rounds on counter (c0..c3) with key (k0, k1), as Random123 and Triton's philox_impl.
+// One round on counter c with round key (k0, k1), as Random123 and Triton's philox_impl.
+DPK_HD PhiloxWords philox_round(const PhiloxWords& c, uint32_t k0, uint32_t k1) {
+  const WideProduct pb = mul_wide(kPhiloxRoundB, c.c2);
+  const WideProduct pa = mul_wide(kPhiloxRoundA, c.c0);
+  return PhiloxWords{pb.hi ^ c.c1 ^ k0, pb.lo, pa.hi ^ c.c3 ^ k1, pa.lo};
+}
+
+// Ten rounds on counter (c0..c3) with key (k0, k1).
 DPK_HD PhiloxWords philox4x32(PhiloxWords c, uint32_t k0, uint32_t k1) {
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    const uint32_t a = c.c0, b = c.c2;
-    c.c0 = mulhi32(kPhiloxRoundB, b) ^ c.c1 ^ k0;
-    c.c2 = mulhi32(kPhiloxRoundA, a) ^ c.c3 ^ k1;
-    c.c1 = kPhiloxRoundB * b;
-    c.c3 = kPhiloxRoundA * a;
+    c = philox_round(c, k0, k1);
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
   return c;
 }
 
-// tl.randint(seed, counter): counters (counter_lo, counter_hi, 0, 0), key (seed_lo, seed_hi).
+// tl.randint(seed, counter): the first word of philox4x32 at counters (counter_lo, counter_hi, 0, 0),
+// key (seed_lo, seed_hi), without the work whose result is known or unused: the first round's
+// products by c2 = c3 = 0, and of the last round all but the word returned.
 DPK_HD uint32_t philox_first_word(uint64_t seed, uint64_t counter) {
-  const PhiloxWords c{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u};
-  return philox4x32(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)).c0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const WideProduct first = mul_wide(kPhiloxRoundA, static_cast<uint32_t>(counter));
+  PhiloxWords c{static_cast<uint32_t>(counter >> 32) ^ k0, 0u, first.hi ^ k1, first.lo};
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int round = 1; round < kPhiloxRounds - 1; ++round) {
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+    c = philox_round(c, k0, k1);
+  }
+  k0 += kPhiloxKeyA;
+  return mul_wide(kPhiloxRoundB, c.c2).hi ^ c.c1 ^ k0;
 }
 
 // tl.rand's mapping: bit-cast to int32, fold negatives with ~x (x in [0, 2**31 - 1]), scale.

@@ -139,6 +139,42 @@ def test_host_scatter_merge_nan_gives_the_canonical_bf16_nan(ext):
 
 
 # --------------------------------------------------------------------------------------------
+# The gate kernels' sm_90 SASS (CPU: read from the build): at the memory floor of an H200
+# --------------------------------------------------------------------------------------------
+
+# Hot loop (the grid-stride loop over whole aligned packs of 4) instructions per element, at most:
+# a pass moving 12 B per element is memory-bound on an H200 below ~80 (DESIGN.md section 3), the
+# backward's 18 B below ~125. Mangled-name fragments: GateMode 2 is kTrainBetaOne, 1 kTrain (any
+# beta), 0 kEval; the backward's flags are kHasL0, kAccumulate.
+_GATE_LOOP_BUDGETS = {
+    "gate_forward_kernelI13__nv_bfloat16S2_Lb1ELNS_8GateModeE2EE": 80,  # train apply bf16, beta = 1
+    "gate_forward_kernelI13__nv_bfloat16S2_Lb1ELNS_8GateModeE1EE": 80,  # train apply bf16, beta = 2/3
+    "gate_forward_kernelI13__nv_bfloat16S2_Lb1ELNS_8GateModeE0EE": 20,  # eval apply bf16
+    "gate_forward_kernelIffLb0ELNS_8GateModeE2EE": 80,  # sample_gates
+    "gate_backward_kernelI13__nv_bfloat16LNS_8GateModeE2ELb1ELb0EE": 110,  # train, L0 term
+    "gate_backward_kernelI13__nv_bfloat16LNS_8GateModeE1ELb1ELb1EE": 110,  # beta = 2/3, L0, accumulating
+    "gate_backward_kernelI13__nv_bfloat16LNS_8GateModeE0ELb1ELb0EE": 40,  # eval, L0 term
+}
+
+
+@needs_ext
+def test_gate_kernels_hot_loops_hold_only_vector_accesses_within_budget(ext):
+    from benchmarks.sass import access_bytes, disassemble
+
+    functions = disassemble(ext.__file__, arch="sm_90")
+    if not functions:
+        pytest.skip("the extension has no sm_90 build")
+    for fragment, budget in _GATE_LOOP_BUDGETS.items():
+        (fn,) = [f for name, f in functions.items() if fragment in name]
+        body = fn.loop_body("LDG.E.128")
+        assert body, f"{fragment}: no loop with 16-byte loads"
+        assert len(body) / 4 <= budget, f"{fragment}: {len(body) / 4} instructions per element > {budget}"
+        # Only pack-wide accesses (16 B of fp32, 8 B of bf16) in the hot loop: no scalar fallback in it.
+        assert {access_bytes(op) for op in fn.memory_ops(body)} <= {8, 16}, fn.memory_ops(body)
+        assert sum(i.base == "BRA" for i in body) == 1  # the back edge only: no branch inside
+
+
+# --------------------------------------------------------------------------------------------
 # Validation of the kernel entry points (CPU: every check before the device check)
 # --------------------------------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ paths, warp reduction and bounds checks are checked against the float64 referenc
 access outside an array or misaligned vector access fails the test (memcheck's job on the GPU).
 
 Not covered (the GPU run owes these, tests/test_cuda_ext.py::TestOnGPU*): the bindings (CUDAGuard,
-streams), the GPU's arithmetic (its math library for expf/logf, and nvcc's fma contraction: hence
-the reference's tolerance rule, not bit equality, for gates and gradients), races between warps
-(they run one after another here), the device's scheduling and memory model.
+streams), the device-only code of csrc/ (the inline PTX: Philox's mul.wide.u32, and the
+ex2/lg2/rcp.approx of the gate math, for which the host runs exp2f/log2f/1 / x), the GPU's
+arithmetic (those approximations and nvcc's fma contraction: hence the reference's tolerance rule,
+not bit equality, for gates and gradients), races between warps (they run one after another
+here), the device's scheduling and memory model.
 """
 
 import fcntl

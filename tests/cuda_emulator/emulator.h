@@ -14,10 +14,11 @@
 // __syncthreads abort), partial-mask or narrow shuffles (abort), atomics (do not compile), none of
 // which our kernels use; __launch_bounds__ and register limits; scheduling (warps run one after
 // another, so a race between threads of different warps or blocks stays invisible); the GPU's
-// arithmetic: its math library (expf, logf here are the host's libm) and nvcc's contraction of
-// a * b + c into one fma (-fmad=true; g++ here rounds twice), so results may differ from the GPU's
-// in the last bits (the tests compare with the float64 reference by the tolerance rule; explicit
-// fmaf calls are the same on both).
+// arithmetic: its special-function approximations (csrc/gates.cuh runs ex2/lg2/rcp.approx there,
+// the host's exp2f, log2f and 1 / x here) and nvcc's contraction of a * b + c into one fma
+// (-fmad=true; g++ here rounds twice), so results may differ from the GPU's in the last bits (the
+// tests compare with the float64 reference by the tolerance rule; explicit fmaf calls are the same
+// on both).
 #pragma once
 
 #include <cuda_bf16.h>
