@@ -581,8 +581,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": [asdict(r) | {"name": r.name} for r in report.rows],
-                       "cases": [{"op": c.op, "shape": c.shape, "h200_us": c.us(H200), "h100_us": c.us(H100)}
-                                 for c in report.cases],
+                       "cases": [{"op": c.op, "shape": c.shape, "backend": c.rows[-1].backend, "h200_us": c.us(H200),
+                                  "h100_us": c.us(H100)} for c in report.cases],
                        "targets": [asdict(t) | {"ratio": t.ratio, "met": t.met} for t in report.targets],
                        "sddmm_choices": report.sddmm_choices, "gpus": {g.name: asdict(g) for g in (H200, H100)}},
                       f, indent=1)

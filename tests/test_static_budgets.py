@@ -129,8 +129,9 @@ def test_fused_weight_gradient_is_tensor_bound_at_large_m(report):
     assert best["bound"] == "tensor", best
 
 
-def _case(report, op, shape):
-    (case,) = [c for c in report["cases"] if c["op"].startswith(op) and c["shape"].startswith(shape)]
+def _case(report, op, shape, backend=("triton", "torch (model)")):
+    (case,) = [c for c in report["cases"] if c["op"].startswith(op) and c["shape"].startswith(shape)
+               and c["backend"] in backend]
     return case
 
 
@@ -162,8 +163,11 @@ def test_sddmm_path_choice_follows_the_model(report):
 
 def test_task_switch_fits_its_target(report):
     """DESIGN.md: switching BERT-large's 393 tensors at 0.5% in <= 0.2 ms (apply + restore, one launch each)."""
-    total = sum(_case(report, op, "1680000")["h100_us"] for op in ("scatter_apply", "scatter_restore"))
-    assert total <= 200, total
+    for backend in ("triton", "cuda"):
+        if backend == "cuda" and importlib.util.find_spec("dpkernels._C") is None:
+            continue
+        total = sum(_case(report, op, "1680000", (backend,))["h100_us"] for op in ("scatter_apply", "scatter_restore"))
+        assert total <= 200, (backend, total)
 
 
 def test_cuda_gate_kernels_stay_memory_bound(report):
