@@ -111,6 +111,7 @@ class Row:
     mufu_per_unit: float
     bytes: float
     flops: float
+    elements: int  # of an elementwise kernel's output (0 for the others)
     h200_us: float
     h100_us: float
     bound: str  # which resource sets the H200 time
@@ -166,8 +167,8 @@ def analyse(op, backend, variant, shape, fn: Function, *, threads, ctas, work: W
                                   work=work, ctas=ctas)
     widths = sorted({access_bytes(o) for o in fn.memory_ops(body if work.main_loop_only else None)})
     return Row(op, backend, variant, shape, fn.registers, fn.stack, fn.shared, ctas, ctas_per_sm(fn, threads), widths,
-               dynamic, per_unit, per_mflop, mufu_per_unit, work.bytes, work.flops, times["H200"][0] * 1e6,
-               times["H100"][0] * 1e6, times["H200"][1])
+               dynamic, per_unit, per_mflop, mufu_per_unit, work.bytes, work.flops, work.elements,
+               times["H200"][0] * 1e6, times["H100"][0] * 1e6, times["H200"][1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def run_launcher(op: str, shape: str, call, work_of, units_of=lambda launch: 0, 
 def modelled(op: str, shape: str, *, bytes=0.0, flops=0.0, tensor_efficiency=1.0) -> Case:
     """A torch step (cuBLAS GEMM, a copy) that has no kernel of ours: bytes at the DRAM rate and
     FLOPs at the tensor rate, one launch."""
-    row = Row(op, "torch (model)", "", shape, 0, 0, 0, 0, 0, [], 0, 0, 0, 0, bytes, flops,
+    row = Row(op, "torch (model)", "", shape, 0, 0, 0, 0, 0, [], 0, 0, 0, 0, bytes, flops, 0,
               *(1e6 * (max(bytes / g.bandwidth, flops / (g.tensor_flops * tensor_efficiency)) + LAUNCH_S)
                 for g in (H200, H100)), "tensor" if flops else "memory")
     return Case(op, shape, [row])
@@ -472,6 +473,55 @@ def layer_targets(fused: dict, sddmm: dict, gates_by_shape: dict) -> list[Target
     return out
 
 
+@dataclass
+class StepTarget:
+    what: str
+    predicted: float
+    target: float
+    unit: str
+    how: str
+
+    @property
+    def met(self) -> bool:
+        return self.predicted <= self.target
+
+
+# BERT-large (DESIGN.md's whole-model target): 24 layers, hidden 1024, FFN 4096, vocab 30522.
+BERT_LARGE_LINEAR = 24 * (4 * 1024 * 1024 + 2 * 4096 * 1024)  # Q, K, V, O and the FFN's two
+BERT_LARGE_PARAMS = 335_141_888  # every pretrained parameter (all gated), the head aside
+BERT_LARGE_TENSORS = 393  # gated tensors (the paper's groups)
+FULL_FT_MS, FULL_FT_GB, LORA_MS = 78.0, 8.7, 125.2  # DESIGN.md: H100, batch 32 x 128, bf16 autocast, AdamW
+
+
+def model_step_targets(gates_by_shape: dict) -> list[StepTarget]:
+    """DESIGN.md's whole-model targets predicted from its measured full-finetuning step (H100) plus
+    what diff pruning adds by the model: per gated parameter one gate-apply pass (12 B) and one
+    routing pass (18 B) at the gate kernels' predicted rate, AdamW over twice the parameters (diff
+    and log_alpha: +28 B read and written per parameter) and the per-group norm (+4 B), two more
+    launches per gated tensor. The GEMMs are full finetuning's (the unfused path). Host-side
+    dispatch is not modelled (issue #17 measures it on the CPU)."""
+    apply_, route = gates_by_shape[(11008, 4096)]
+    per_element_s = (apply_.us(H100) + route.us(H100) - 2 * LAUNCH_S * 1e6) * 1e-6 / (11008 * 4096)
+    gates_ms = BERT_LARGE_PARAMS * per_element_s * 1e3
+    optimizer_ms = BERT_LARGE_PARAMS * (28 + 4) / H100.bandwidth * 1e3
+    launches_ms = 2 * BERT_LARGE_TENSORS * LAUNCH_S * 1e3
+    step = FULL_FT_MS + gates_ms + optimizer_ms + launches_ms
+    # Memory: full finetuning holds fp32 weights, grads and two AdamW states (16 B per parameter) and
+    # its activations; diff pruning the fp32 base (4 B), diff and log_alpha with grads and AdamW
+    # states (24 B), the same activations, and per linear layer the bf16 effective weight saved for dX.
+    activations_gb = FULL_FT_GB - BERT_LARGE_PARAMS * 16 / 1e9
+    memory = activations_gb + BERT_LARGE_PARAMS * (4 + 24) / 1e9 + BERT_LARGE_LINEAR * 2 / 1e9
+    return [
+        StepTarget("BERT-large step / full finetuning (H100)", step / FULL_FT_MS, 1.15, "x",
+                   f"{FULL_FT_MS} ms + gate passes {gates_ms:.1f} ms + AdamW and norms over diff and log_alpha "
+                   f"{optimizer_ms:.1f} ms + launches {launches_ms:.1f} ms = {step:.1f} ms"),
+        StepTarget("BERT-large step / LoRA r=16 (H100)", step / LORA_MS, 1.0, "x", f"{step:.1f} ms vs {LORA_MS} ms"),
+        StepTarget("BERT-large peak memory (GB)", memory, FULL_FT_GB + BERT_LARGE_PARAMS * 20 / 1e9, "GB",
+                   f"activations {activations_gb:.1f} + state 28 B/param + saved bf16 W "
+                   f"{BERT_LARGE_LINEAR * 2 / 1e9:.1f}; target: full finetuning + 20 B/param"),
+    ]
+
+
 def ops_fused_max_tokens() -> int:
     return importlib.import_module("dpkernels.ops").FUSED_MAX_TOKENS
 
@@ -485,6 +535,7 @@ class Report:
     cases: list[Case]
     targets: list[Target]
     sddmm_choices: dict  # shape -> whether the launcher picks its gathers (over GEMM + gather) at 0.5%
+    step_targets: list[StepTarget]
 
     @property
     def rows(self) -> list[Row]:
@@ -519,18 +570,19 @@ def collect() -> Report:
                 cases += part
     cases += scatter_cases() + cuda_cases()
     choices = {shape: picks for shape, (_, _, picks) in sddmm.items()}
-    return Report(cases, layer_targets(fused, sddmm, gates_by_shape), choices)
+    return Report(cases, layer_targets(fused, sddmm, gates_by_shape), choices, model_step_targets(gates_by_shape))
 
 
-COLUMNS = ("kernel", "regs", "spill B", "smem KB", "CTAs/SM", "access B", "instr/unit", "MUFU/unit", "instr/MFLOP",
-           "H200 us", "H100 us", "bound")
+COLUMNS = ("kernel", "regs", "spill B", "smem KB", "CTAs/SM", "access B", "B/elem", "instr/unit", "MUFU/unit",
+           "instr/MFLOP", "H200 us", "H100 us", "bound")
 
 
 def kernel_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [r.name, r.registers, r.stack, f"{r.shared / 1024:.0f}", r.ctas_per_sm,
-                 "/".join(map(str, r.global_access_bytes)), f"{r.per_unit:.0f}", f"{r.mufu_per_unit:.1f}",
+                 "/".join(map(str, r.global_access_bytes)), f"{r.bytes / r.elements:.0f}" if r.elements else "",
+                 f"{r.per_unit:.0f}", f"{r.mufu_per_unit:.1f}",
                  f"{r.per_mflop:.0f}" if r.per_mflop else "", f"{r.h200_us:.1f}", f"{r.h100_us:.1f}", r.bound]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
@@ -555,7 +607,7 @@ def summary_rows(report: Report) -> list[Row]:
             rows += case.rows
         elif case.op.startswith("sddmm"):
             kernel = [r for r in case.rows if r.backend == "triton"]
-            merged = Row(**{**asdict(kernel[0]), "variant": f"{len(kernel)} launches + the transposes",
+            merged = Row(**{**asdict(kernel[0]), "variant": f"{len(kernel)} launches + the transpose of X",
                             "h200_us": case.us(H200), "h100_us": case.us(H100)})
             rows.append(merged)
     best: dict[tuple[str, str], Row] = {}
@@ -565,6 +617,14 @@ def summary_rows(report: Report) -> list[Row]:
             if key not in best or r.h200_us < best[key].h200_us:
                 best[key] = r
     return rows + list(best.values())
+
+
+def step_table(targets: list[StepTarget]) -> str:
+    lines = ["| target | predicted | bound | met | how |", "|---|---|---|---|---|"]
+    for t in targets:
+        lines.append(f"| {t.what} | {t.predicted:.2f} {t.unit} | <= {t.target:.2f} {t.unit} | "
+                     f"{'yes' if t.met else 'no'} | {t.how} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -578,12 +638,15 @@ def main(argv=None) -> int:
     print(kernel_table(summary_rows(report) if args.summary else report.rows))
     print("\nPredicted per layer, forward + backward (DESIGN.md's targets are ratios on an H100):\n")
     print(target_table(report.targets))
+    print("\nPredicted per training step (DESIGN.md's measured full-finetuning step + the model's additions):\n")
+    print(step_table(report.step_targets))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": [asdict(r) | {"name": r.name} for r in report.rows],
                        "cases": [{"op": c.op, "shape": c.shape, "backend": c.rows[-1].backend, "h200_us": c.us(H200),
                                   "h100_us": c.us(H100)} for c in report.cases],
                        "targets": [asdict(t) | {"ratio": t.ratio, "met": t.met} for t in report.targets],
+                       "steps": [asdict(t) | {"met": t.met} for t in report.step_targets],
                        "sddmm_choices": report.sddmm_choices, "gpus": {g.name: asdict(g) for g in (H200, H100)}},
                       f, indent=1)
     return 0
