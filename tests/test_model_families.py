@@ -126,7 +126,7 @@ def test_diff_prune_with_no_options_trains_projects_and_round_trips(family, head
     assert sorted(gated) == sorted(n for n in canonical if n not in dense)  # tied tensors gated once
     total = sum(base.get_parameter(n).numel() for n in gated)
 
-    # Three L0 steps: gradients reach every gate (the penalty every log_alpha) and the loss falls.
+    # Three L0 steps: gradients reach every diff (the penalty every log_alpha) and the loss falls.
     optimizer = torch.optim.AdamW(dpkernels.optimizer_groups(model, diff_lr=1e-2))
     with torch.no_grad():
         loss_before = model(**inputs).loss
@@ -138,8 +138,8 @@ def test_diff_prune_with_no_options_trains_projects_and_round_trips(family, head
         if step == 0:
             for name, _, gt in iter_gated(model):
                 assert torch.isfinite(gt.diff.grad).all() and gt.log_alpha.grad.ne(0).all(), name
-            # Softmax ignores a constant added to all of a query's scores, which q . b_key is: the
-            # loss does not depend on BERT's and RoBERTa's key bias: its gradient is rounding noise.
+            # Softmax ignores a constant added to all of a query's scores, and q . b_key is one, so
+            # the loss does not depend on BERT's and RoBERTa's key bias: its gradient is rounding noise.
             grads = {name: gt.diff.grad.abs().max() for name, _, gt in iter_gated(model)}
             scale = max(grads.values())
             zero = [name for name, g in grads.items() if (g > 1e-9 * scale) == name.endswith("self.key.bias")]
@@ -184,7 +184,8 @@ def test_diff_prune_with_no_options_trains_projects_and_round_trips(family, head
 
 
 def _randomise_tied_gate(model, name, seed=0):
-    """Random diff and log_alpha for the gated tensor `name` only (the others keep diff = 0)."""
+    """Random diff and log_alpha for the gated weight `name` only (the others keep diff = 0); returns
+    its GatedTensor and GatedParameter."""
     gt = next(gt for n, _, gt in iter_gated(model) if n == name)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
