@@ -350,6 +350,13 @@ class GatedParameter(_GatedModule):
     is frozen. The seed is drawn at the start of each forward of the owning module (a forward
     pre-hook installed by :func:`gate_parameter`), so every access inside one forward sees the
     same gates. A fused ``l0_lambda`` gradient is added once per access's backward.
+
+    A tied parameter (one tensor several modules hold, e.g. GPT-2's embedding and LM head) is
+    gated by one GatedParameter registered on every module holding it (``gate_parameter(...,
+    gate=...)``), so every use reads the same theta0 + z * diff and the gradients of all uses add
+    up in its one diff and log_alpha. Such a ``shared`` gate draws its seed once per forward of
+    the diff-pruned model (:func:`share_gates_per_forward`), not per owning module, and adds a
+    fused ``l0_lambda`` gradient once per such forward.
     """
 
     def __init__(self, theta0: torch.Tensor, *, l=-1.5, r=1.5, beta=1.0, alpha_init=5.0, l0_lambda=0.0,
@@ -359,6 +366,9 @@ class GatedParameter(_GatedModule):
         self.numel = theta0.numel()
         self._make_gates("", theta0)
         self.seed: torch.Tensor | None = None  # this forward's seed (an int64 CPU scalar), drawn by the pre-hook
+        self.shared = False  # registered on several modules (a tied parameter): see share_gates_per_forward
+        self.in_model_forward = False  # a shared gate inside the model's forward: one seed for every use
+        self._l0_due = False  # a shared gate's fused L0 gradient not yet added in this model forward
 
     def gated_tensor(self, name: str, theta0: torch.Tensor) -> GatedTensor:
         return self._gated(name, "", theta0)
@@ -369,6 +379,22 @@ class GatedParameter(_GatedModule):
 
     def draw_seed(self) -> None:
         self.seed = self._next_seed()
+
+    def begin_model_forward(self) -> None:
+        """A shared gate at the start of the diff-pruned model's forward: one seed for all its uses."""
+        self.draw_seed()
+        self.in_model_forward, self._l0_due = True, True
+
+    def end_model_forward(self) -> None:
+        self.in_model_forward = False
+
+    def _fused_l0_lambda(self) -> float:
+        """The l0_lambda this access adds to its backward: within one model forward a shared gate adds
+        it on its first access only, so that its tensor's L0 gradient counts once, as in l0_penalty."""
+        if not self.in_model_forward:
+            return self.l0_lambda
+        l0_lambda, self._l0_due = (self.l0_lambda if self._l0_due else 0.0), False
+        return l0_lambda
 
     def set_masks(self, indices: dict[str, torch.Tensor]) -> None:
         """Enter the fixed-mask stage with the one index tensor given (see DiffLinear.to_fixed_mask)."""
@@ -387,21 +413,33 @@ class GatedParameter(_GatedModule):
         gt = self._gated("", "", theta0)
         diff = self._scaled_diff(gt, self.seed, 0, self.numel)
         return ops.gate_apply(theta0, diff, self.log_alpha, seed=self.seed, training=self.training, l=self.l,
-                              r=self.r, beta=self.beta, l0_lambda=self.l0_lambda)
+                              r=self.r, beta=self.beta, l0_lambda=self._fused_l0_lambda())
 
     def extra_repr(self) -> str:
         return (f"numel={self.numel}, l={self.l}, r={self.r}, beta={self.beta}, structured={self.structured}"
+                + (", shared=True" if self.shared else "")
                 + (f", fixed_mask=True, nnz={self.diff_index.numel()}" if self.fixed_mask else ""))
 
 
-def gate_parameter(module: nn.Module, name: str, **gate_kwargs) -> GatedParameter:
-    """Gate ``module.<name>`` (any parameter) with a GatedParameter parametrization."""
+def gate_parameter(module: nn.Module, name: str, *, gate: GatedParameter | None = None,
+                   **gate_kwargs) -> GatedParameter:
+    """Gate ``module.<name>`` (any parameter) with a GatedParameter parametrization.
+
+    ``gate``: an existing GatedParameter of the same tensor, registered on another module that
+    holds it too (a tied parameter), to share instead of a new one (then no gate options).
+    """
     from torch.nn.utils import parametrize
 
     theta0 = getattr(module, name)
     if not isinstance(theta0, nn.Parameter):
         raise TypeError(f"{type(module).__name__}.{name} is not a parameter")
-    gate = GatedParameter(theta0.detach(), **gate_kwargs)
+    if gate is None:
+        gate = GatedParameter(theta0.detach(), **gate_kwargs)
+    elif gate_kwargs:
+        raise TypeError("gate_parameter takes gate options or an existing gate to share, not both")
+    elif not isinstance(gate, GatedParameter) or gate.fixed_mask or gate.diff.shape != theta0.shape:
+        raise ValueError(f"{type(module).__name__}.{name} {tuple(theta0.shape)} cannot share that gate: it must be "
+                         "an L0-stage GatedParameter of the same tensor")
     theta0.requires_grad_(False)
     parametrize.register_parametrization(module, name, gate, unsafe=True)
     if not getattr(module, "_dpkernels_seed_hook", False):
@@ -413,8 +451,33 @@ def gate_parameter(module: nn.Module, name: str, **gate_kwargs) -> GatedParamete
 def _draw_gate_seeds(module: nn.Module, _inputs) -> None:
     for plist in module.parametrizations.values():
         for p in plist:
-            if isinstance(p, GatedParameter) and p.training:
+            # A shared gate inside the model's forward already has that forward's seed; a module
+            # holding it called on its own draws a fresh one, as for any other gate.
+            if isinstance(p, GatedParameter) and p.training and not p.in_model_forward:
                 p.draw_seed()
+
+
+def share_gates_per_forward(model: nn.Module, gates: list[GatedParameter]) -> None:
+    """Give each of ``gates`` (a tied parameter's gate, registered on several modules of ``model``)
+    one seed per forward of ``model``, shared by every use of the tensor inside it: its modules'
+    own pre-hooks would draw one per module, so GPT-2's LM head would read another mask than its
+    embedding. Forward hooks of ``model`` (the list of gates is kept on it, so a deepcopy of the
+    model refers to its own gates) mark the forward's start and end, also when it raises."""
+    for gate in gates:
+        gate.shared = True
+    model._dpkernels_shared_gates = list(gates)
+    model.register_forward_pre_hook(_begin_model_forward, prepend=True)
+    model.register_forward_hook(_end_model_forward, always_call=True)
+
+
+def _begin_model_forward(model: nn.Module, _inputs) -> None:
+    for gate in model._dpkernels_shared_gates:
+        gate.begin_model_forward()
+
+
+def _end_model_forward(model: nn.Module, _inputs, _output) -> None:
+    for gate in model._dpkernels_shared_gates:
+        gate.end_model_forward()
 
 
 def require_gated(model: nn.Module, why: str = "") -> list:
@@ -429,7 +492,13 @@ def require_gated(model: nn.Module, why: str = "") -> list:
 def iter_gated(model: nn.Module):
     """(full base-parameter name, module owning the gates, GatedTensor) for every gated tensor of the
     model, in module order. DiffLinear-like modules take part through ``gated_tensors()``;
-    parametrized parameters through their GatedParameter (named after the parameter itself)."""
+    parametrized parameters through their GatedParameter (named after the parameter itself).
+
+    A tied parameter's one GatedParameter, registered on every module holding the tensor, is
+    yielded once, under the tensor's canonical name: its first name in ``named_parameters()``
+    order, which is the name ``named_parameters()`` gives the tied tensor (transformers' ties keep
+    the input embedding's: GPT-2's ``transformer.wte.weight``, T5's ``shared.weight``)."""
+    seen: set[int] = set()
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         if callable(getattr(module, "gated_tensors", None)):
@@ -437,7 +506,8 @@ def iter_gated(model: nn.Module):
                 yield prefix + gt.name, module, gt
         for pname, plist in getattr(module, "parametrizations", {}).items():
             for p in plist:
-                if isinstance(p, GatedParameter):
+                if isinstance(p, GatedParameter) and id(p) not in seen:
+                    seen.add(id(p))
                     yield prefix + pname, p, p.gated_tensor(pname, plist.original)
 
 

@@ -2,8 +2,9 @@
 
 ``diff_prune(model)`` gates every pretrained parameter in place: each plain nn.Linear becomes a
 DiffLinear; every other parameter (embeddings, LayerNorm, Linear subclasses whose weights other
-code reads directly, ...) gets a GatedParameter parametrization, so the model runs its own
-forward unchanged. Parameters matching ``dense`` (the new task head) stay dense and trainable.
+code reads directly, Linears holding a tied tensor, ...) gets a GatedParameter parametrization, so
+the model runs its own forward unchanged; a tied tensor is gated once, for all its names.
+Parameters matching ``dense`` (the new task head) stay dense and trainable.
 
 Projection (Guo et al. 2021, section 3.3): after L0 training keep the k = round(sparsity * N)
 entries with the largest |z_eval * w| over all gated tensors of the model (scope="global", the
@@ -20,7 +21,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .nn import DiffLinear, check_gate_options, dense_task_parameters, gate_parameter, iter_gated, require_gated
+from .nn import (
+    DiffLinear,
+    GatedParameter,
+    check_gate_options,
+    dense_task_parameters,
+    gate_parameter,
+    iter_gated,
+    require_gated,
+    share_gates_per_forward,
+)
 
 _INF_BITS = 0x7F800000  # float32 +inf: every finite magnitude's bit pattern is below it
 
@@ -73,8 +83,9 @@ def top_k_indices(bit_fns, sizes: list[int], k: int) -> list[torch.Tensor]:
 def project(model: nn.Module, sparsity: float, *, scope: str = "global") -> int:
     """Keep k = round(sparsity * N) diff entries (largest |z_eval * w|), enter fixed-mask finetuning.
 
-    N counts every entry of every gated tensor. Returns the number of entries kept. Gated modules
-    must be in the L0 stage; afterwards build a new optimizer over the trainable ``*_values``.
+    N counts every entry of every gated tensor (a tied tensor once). Returns the number of entries
+    kept. Gated modules must be in the L0 stage; afterwards build a new optimizer over the
+    trainable ``*_values``.
     """
     # Any real number (numpy scalars too); bools are refused, and NaN fails the range check.
     if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool) or not 0 <= sparsity <= 1:
@@ -108,17 +119,26 @@ def _patterns(value) -> list[re.Pattern]:
 
 def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float = 1.0, alpha_init: float = 5.0,
                l0_lambda: float = 0.0, structured: bool = False, include=None, exclude=None,
-               dense=("classifier", "score")) -> nn.Module:
+               dense=("classifier", "score", "classification_head")) -> nn.Module:
     """Gate every pretrained parameter of ``model`` in place and return it.
 
     A parameter (by its full name, ``re.search``) is gated when it matches ``include`` (default:
     all) and neither ``exclude`` (those are frozen and left as they are) nor ``dense`` (new task
-    parameters, e.g. the classifier head: they stay trainable and ungated). Gate options as in
-    DiffLinear; ``structured`` adds one group gate per tensor (the paper's structured variant).
+    parameters, by default the heads of transformers' sequence classifiers: BERT's and RoBERTa's
+    ``classifier``, GPT-2's and LLaMA's ``score``, T5's ``classification_head``; they stay
+    trainable and ungated). Gate options as in DiffLinear; ``structured`` adds one group gate per
+    tensor (the paper's structured variant).
 
     A model that already has gated tensors is refused as a whole: gating it again would gate the
-    gates' own tensors. Tied (shared) parameters cannot be gated; every name of one must get the
-    same role, so excluding (or making dense) a tied parameter takes patterns matching all its names.
+    gates' own tensors.
+
+    A tied parameter (one tensor under several names: GPT-2's ``transformer.wte.weight`` and
+    ``lm_head.weight``, T5's shared embedding, BERT's MLM decoder) is gated once: one diff and one
+    log_alpha, shared by every module holding it, so the tie holds (every name reads the same
+    theta0 + z * w, with one seed per forward of ``model``) and the gradients of all uses add up.
+    ``l0_penalty``, ``project``, ``optimizer_groups`` and ``SparseDiff`` count it once, under its
+    first name in ``named_parameters()`` order (see ``iter_gated``). Every name of a tied tensor
+    must get the same role; patterns giving its names different roles raise ValueError.
     """
     gate_kwargs = dict(l=l, r=r, beta=beta, alpha_init=alpha_init, l0_lambda=l0_lambda, structured=structured)
     check_gate_options(**gate_kwargs)  # before the model is touched
@@ -135,30 +155,43 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
     if already is not None:
         raise ValueError(f"the model is already diff-pruned (it has gated tensors, e.g. {already[0]}); "
                          "call diff_prune once, on the plain model")
-    owners: dict[int, list[str]] = {}
+    names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    for names in (names for names in owners.values() if len(names) > 1):
+        names_of.setdefault(id(param), []).append(name)
+    tied = {pid: names for pid, names in names_of.items() if len(names) > 1}
+    for names in tied.values():
         roles = {n: role(n) for n in names}
-        if "gated" in roles.values() or len(set(roles.values())) > 1:
-            raise ValueError(f"tied (shared) parameter {roles}: these names are one tensor, which cannot be gated "
-                             "and needs one role; untie them, or exclude all of these names (exclude= freezes "
-                             "them, dense= trains them ungated)")
+        if len(set(roles.values())) > 1:
+            raise ValueError(f"tied (shared) parameter {roles}: these names are one tensor, which needs one role; "
+                             "make the include/exclude/dense patterns select all of them alike (or untie them)")
 
+    shared_gates: dict[int, GatedParameter] = {}  # id(tied parameter) -> its one gate
     for path, module in list(model.named_modules()):
         prefix = f"{path}." if path else ""
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None]
         roles = {n: role(prefix + n) for n, _ in params}
-        if type(module) is nn.Linear and params and all(v == "gated" for v in roles.values()):
+        # A Linear holding a tied tensor (GPT-2's lm_head reads the embedding's matrix) stays a
+        # Linear: a DiffLinear owns its diff, so the tensor would get one diff per module and the
+        # tie would break. Its tensors are parametrized instead, with the one GatedParameter that
+        # every module holding the tensor shares.
+        if (type(module) is nn.Linear and params and all(v == "gated" for v in roles.values())
+                and not any(id(p) in tied for _, p in params)):
             _replace(model, path, DiffLinear.from_linear(module, **gate_kwargs))
             continue
         for n, p in params:
             if roles[n] == "gated":
-                gate_parameter(module, n, **gate_kwargs)
+                if id(p) in shared_gates:
+                    gate_parameter(module, n, gate=shared_gates[id(p)])
+                else:
+                    gate = gate_parameter(module, n, **gate_kwargs)
+                    if id(p) in tied:
+                        shared_gates[id(p)] = gate
             elif roles[n] == "frozen":
                 p.requires_grad_(False)
             else:
                 p.requires_grad_(True)
+    if shared_gates:
+        share_gates_per_forward(model, list(shared_gates.values()))
     return model
 
 

@@ -53,6 +53,38 @@ def test_a_diff_pruned_transformers_model_compiles_fullgraph_and_matches_eager(s
         torch.testing.assert_close(a, b)
 
 
+def test_a_tied_model_compiles_fullgraph_with_one_seed_per_forward():
+    """GPT-2's tied embedding / LM head: the model-level hooks that give the shared gate one seed
+    per forward trace without a graph break, and the compiled steps match eager's."""
+    from test_model_families import _randomise_tied_gate, batch, build
+
+    model = dpkernels.diff_prune(build("gpt2", "lm")).train()
+    _randomise_tied_gate(model, "transformer.wte.weight")
+    ids = batch("gpt2", "lm")["input_ids"]  # the loss computed here: transformers' loss_function warns once
+    gate = model.lm_head.parametrizations.weight[0]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(fn, seed):
+        torch.manual_seed(seed)
+        logits = fn(input_ids=ids).logits
+        return gate.seed, logits.detach(), torch.autograd.grad(logits.square().mean(), trainable)
+
+    seeds = (5, 6)
+    eager = [step(model, seed) for seed in seeds]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    graphs = []
+    for seed, expected in zip(seeds, eager, strict=True):
+        with inductor_config.patch(fallback_random=True):
+            got = step(compiled, seed)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        assert got[0] == expected[0] and not gate.in_model_forward
+        torch.testing.assert_close(got[1], expected[1])
+        for a, b in zip(got[2], expected[2], strict=True):
+            torch.testing.assert_close(a, b)
+    assert eager[0][0] != eager[1][0] and graphs[0] == graphs[1]  # a fresh draw, the same graph
+
+
 def test_group_gate_draw_is_the_reference_draw():
     la = torch.tensor([0.3, -2.0, 4.0], requires_grad=True)
     for seed in (0, 2**63 + 1, ops._seed_tensor(2**64 - 5)):

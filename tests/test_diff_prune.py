@@ -146,10 +146,6 @@ def test_bad_configurations():
         after = {n: (p.requires_grad, p.detach()) for n, p in model.named_parameters()}  # untouched
         assert after.keys() == before.keys() and all(
             after[n][0] == r and torch.equal(after[n][1], t) for n, (r, t) in before.items())
-    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    tied[1].weight = tied[0].weight
-    with pytest.raises(ValueError, match="tied"):
-        dpkernels.diff_prune(tied)
     with pytest.raises(ValueError, match="no gated tensors"):
         dpkernels.l0_penalty(nn.Linear(2, 2))
 
@@ -268,13 +264,13 @@ def test_tied_parameters_excluded_under_every_name_train_untouched():
     assert set(dense_task_parameters(model)) == {"transformer.wte.weight"}
 
 
-@pytest.mark.parametrize("options", [dict(), dict(exclude=r"^transformer\.wte"), dict(dense=r"lm_head"),
+@pytest.mark.parametrize("options", [dict(exclude=r"^transformer\.wte"), dict(dense=r"lm_head"),
                                      dict(include=r"lm_head"), dict(exclude=r"wte", dense=r"lm_head")])
 def test_a_tied_parameter_selected_under_only_some_names_is_refused(options):
     """Gating it under one name would leave the other name reading the plain tensor: say which names tie."""
     model = _tiny_gpt2()
     snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match=r"tied \(shared\).*transformer\.wte\.weight.*lm_head\.weight.*exclude all"):
+    with pytest.raises(ValueError, match=r"tied \(shared\).*transformer\.wte\.weight.*lm_head\.weight.*one role"):
         dpkernels.diff_prune(model, **options)
     _assert_unchanged(model, snapshot)
     assert not any(True for _ in iter_gated(model))
@@ -305,3 +301,29 @@ def test_projection_takes_any_real_sparsity_and_refuses_the_rest():
             dpkernels.project(model, bad)
     assert not any(gt.fixed_mask for _, _, gt in iter_gated(model))
     assert dpkernels.project(model, np.float32(0.01)) == round(float(np.float32(0.01)) * total)
+
+
+def test_a_tied_linear_weight_is_gated_once_and_read_alike_by_both_layers():
+    """Two Linears holding one weight stay Linears (a DiffLinear would own a second diff): one
+    GatedParameter, registered on both, gives both the same effective weight, one draw per forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    dpkernels.diff_prune(model, dense=())
+    assert not any(isinstance(m, dpkernels.DiffLinear) for m in model)
+    assert [n for n, _, _ in iter_gated(model)] == ["0.weight", "0.bias", "2.bias"]
+    gate = model[0].parametrizations.weight[0]
+    assert model[2].parametrizations.weight[0] is gate and gate.shared
+    _randomise_gates(model)
+    model.train()
+    x = torch.randn(3, 4)
+    y = model(x)
+    z = ref.sample_gates(gate.log_alpha.detach(), gate.seed)
+    weight = model[0].parametrizations.weight.original + z * gate.diff.detach()
+    plain = nn.functional.linear
+    hidden = torch.tanh(plain(x, weight, model[0].bias.detach()))
+    torch.testing.assert_close(y.detach(), plain(hidden, weight, model[2].bias.detach()))
+    # Called on its own (outside the model's forward), a layer draws a fresh seed per call.
+    seed = gate.seed
+    model[2](x)
+    assert gate.seed != seed and not gate.in_model_forward
