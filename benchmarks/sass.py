@@ -195,7 +195,7 @@ def compile_launches():
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        bound = dict(zip(self.arg_names, args)) | kwargs
+        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs  # trailing defaults unbound
         size = grid(bound) if callable(grid) else grid
         size = tuple(size) + (1,) * (3 - len(size))
         constants = {p.name: bound[p.name] for p in self.params if p.is_constexpr and p.name in bound}

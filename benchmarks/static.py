@@ -161,7 +161,8 @@ def analyse(op, backend, variant, shape, fn: Function, *, threads, ctas, work: W
 # ----------------------------------------------------------------------------------------------
 # The workloads: DESIGN.md's shapes.
 
-LINEAR_SHAPES = [(8192, 768, 3072), (8192, 4096, 11008), (512, 4096, 4096), (64, 4096, 4096)]  # M x K -> N
+LINEAR_SHAPES = [(8192, 768, 3072), (8192, 4096, 11008), (512, 4096, 4096), (64, 4096, 4096), (16, 4096, 4096),
+                 (1, 4096, 4096)]  # M x K -> N
 GATE_SHAPES = [(4096, 11008), (768, 3072)]  # weight (N, K) of the gate passes
 MASK_DENSITY = 0.005
 SIZE = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
@@ -216,10 +217,13 @@ def _triton_rows() -> list[Row]:
 
         def gemm_work(launch, reduction, out_elems):
             c = launch.constants
+            if launch.kernel == "_slice_sum_kernel":  # split-K: the fp32 slices summed in order
+                return Work(bytes=out_elems * (4 * c["SLICES"] + 2), elements=out_elems)
+            slices = launch.grid[1]  # split-K: each slice's CTAs run 1/slices of the reduction, write fp32
             block = c.get("BLOCK_Q") or c.get("BLOCK_M")
-            rows_per_cta = c.get("BLOCK_M") if "BLOCK_Q" in c else None
-            del rows_per_cta
-            return Work(bytes=weight_bytes + 2 * (m * k + out_elems), flops=flops, trips=math.ceil(reduction / block))
+            out_bytes = out_elems * (2 if slices == 1 else 4 * slices)
+            return Work(bytes=weight_bytes + 2 * m * k + out_bytes, flops=flops,
+                        trips=math.ceil(math.ceil(reduction / block) / slices))
 
         record("gated_linear forward (fused)", shape, lambda launch: gemm_work(launch, k, m * n),
                lambda: diff_linear.gated_linear(_meta(m, k, dtype=bf16), _meta(n, k, dtype=bf16), _meta(n, k),

@@ -115,6 +115,31 @@ def test_every_autotuning_config_matches_float64_reference(device, monkeypatch):
         _check_fused_kernels(device, 512, 768, 3072, torch.bfloat16, torch.bfloat16, True)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_split_k_matches_float64_reference_and_repeats_bit_for_bit(device, monkeypatch):
+    """Split-K: S fp32 slices of whole BLOCK_Q steps, summed in slice order (bias added) by a second
+    launch. From 2 slices to more slices than reduction steps (the last ones empty: they write
+    zeros), one and several row blocks, each compute dtype; the same call twice gives the same bits."""
+    from dpkernels.backends.triton import diff_linear as fused
+
+    for slices, (m, k, n), (cdt, base_dtype) in [  # 16x16x16 blocks interpreted: 7 and 3 reduction steps
+            (2, (9, 100, 40), (torch.bfloat16, torch.bfloat16)), (3, (9, 100, 40), (torch.float16, torch.float32)),
+            (16, (9, 100, 40), (torch.float32, torch.float32)), (3, (33, 45, 21), (torch.bfloat16, torch.bfloat16))]:
+        monkeypatch.setattr(fused, "_split_slices", lambda *args, s=slices: s)
+        _check_fused_kernels(device, m, k, n, cdt, base_dtype, True, which=("y", "dX"))
+    monkeypatch.setattr(fused, "_split_slices", lambda *args: 4)
+    t = _inputs(9, 100, 40, device, torch.bfloat16, torch.bfloat16)
+    gates = (123, 4, True, *GATES)
+    weight = (t["theta0"], t["diff"], t["log_alpha"])
+    for bias in (None, t["bias"]):
+        y = fused.gated_linear(t["x"], *weight, bias, *gates)
+        assert torch.equal(y, fused.gated_linear(t["x"], *weight, bias, *gates))
+        y64 = ref.gated_linear(*(v.double() for v in (t["x"], *weight)), None if bias is None else bias.double(),
+                               *gates)
+        assert_close_by_rule(y, ref.gated_linear(t["x"], *weight, bias, *gates), y64, _atol(y64, torch.bfloat16),
+                             f"split y, bias={bias is not None}")
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's fixed blocks; on a GPU autotuning picks the slices")
 @pytest.mark.parametrize("split", [1, 2, 4])
 def test_weight_gradient_epilogue_slices_route_the_same_gradients(split, monkeypatch):

@@ -274,7 +274,7 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
             g, diff, la, grad_diff, grad_log_alpha, n, _signed_seed(seed if training else 0),
             offset if training else 0, float(l), float(r), float(beta), float(l0_lambda),
             _l0_shift(l, r, beta),
-            TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, ACCUMULATE=accumulate, HAS_L0=bool(l0_lambda), BLOCK=_BLOCK,
-            num_warps=_NUM_WARPS,
+            TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, ACCUMULATE=accumulate, HAS_L0=bool(l0_lambda),
+            BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
     return grad_diff, grad_log_alpha
