@@ -18,8 +18,9 @@ y = x W^T with W = theta0 + z diff (N x K) and M tokens the paths cost, per weig
              again in dX; weight gradient: routed in the dY^T X GEMM's epilogue (16 B)
 
 So the fused forward pays only while each weight element is rebuilt once (M up to the tallest
-tile's rows) and the saved 4 B per element outweigh a second rebuild only when dX is not needed.
-ops.diff_linear decides by these functions per call; the fused GEMMs' launcher picks its split-K.
+tile's rows), and only where dX is not needed: it saves 4 B per element in the forward (10 B for
+12 + 2) and loses 8 in dX (10 B for 2). ops.diff_linear decides by these functions per call; the
+fused GEMMs' launcher picks its split-K by them.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ FUSED_ROWS = 128
 FUSED_COLS = 32
 MAX_SLICES = 16  # split-K slices tried (one row block only: then no weight element is rebuilt twice)
 SLICE_MIN_Q = 64  # reduction length per slice at least (the largest BLOCK_Q of the short-M tiles)
-# A split must be predicted 5% faster than none (the model's ceil(CTAs / SMs) balance
-# is coarse, and the second launch's latency is priced at its 2 us only).
+# A split must be predicted 5% faster than none: the model's ceil(CTAs / SMs) balance is coarse,
+# and it prices the second launch at its 2 us only.
 SPLIT_MIN_GAIN = 0.05
 
 # The fused weight gradient, conservatively. The one GPU fact about such a kernel is DESIGN.md's: a
@@ -110,6 +111,7 @@ def split_slices(m: int, p: int, q: int, *, training: bool, base_size: int = 2, 
     M at a narrow output (dX of a 768x3072 weight: 24 tiles of 32 columns for 132 SMs)."""
     if m > FUSED_ROWS:
         return 1
+
     def seconds(slices):
         return fused_matmul_seconds(m, p, q, training=training, base_size=base_size, cdt_size=cdt_size,
                                     slices=slices)
