@@ -18,7 +18,7 @@ Providers:
 Modes: forward, backward (the backward alone, graph retained; not for torch.compile, whose compiled
 backward donates its saved buffers and so cannot run twice on one graph), full (forward +
 backward; the L0 gradient included in the L0 stage). The fused/unfused pair at several token
-counts is what sets the crossover of ops.FUSED_MAX_TOKENS.
+counts is what calibrates dpkernels.path_cost, auto's model.
 
     python -m benchmarks.bench_diff_linear [--device cuda] [--tokens 64,512,8192] [--shapes 4096x11008]
     python -m benchmarks.bench_diff_linear --layers 8192x4096x11008,512x4096x4096 --providers nn.Linear,triton

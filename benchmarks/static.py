@@ -174,7 +174,8 @@ def analyse(op, backend, variant, shape, fn: Function, *, threads, ctas, work: W
 # ----------------------------------------------------------------------------------------------
 # The workloads: DESIGN.md's shapes, bf16 activations.
 
-LINEAR_SHAPES = [(8192, 768, 3072), (8192, 4096, 11008), (512, 4096, 4096), (64, 4096, 4096)]  # M x K -> N
+LINEAR_SHAPES = [(8192, 768, 3072), (8192, 4096, 11008), (512, 4096, 4096), (64, 4096, 4096), (16, 4096, 4096),
+                 (1, 4096, 4096)]  # M x K -> N
 GATE_SHAPES = [(4096, 11008), (768, 3072)]  # weight (N, K) of the gate passes
 MASK_DENSITY = 0.005  # the paper's 0.5%
 SWITCH_ENTRIES = 1_680_000  # BERT-large's 335M parameters at 0.5%, its 393 tensors in one launch
@@ -214,7 +215,12 @@ def run_launcher(op: str, shape: str, call, work_of, units_of=lambda launch: 0, 
         call()
     rows = [analyse(op, "triton", _variant(launch), shape, launch.function(), threads=launch.threads,
                     ctas=launch.ctas, work=work_of(launch), per_thread_units=units_of(launch)) for launch in launches]
-    return [Case(op, shape, [r]) for r in rows] if per_config else [Case(op, shape, rows)]
+    if not per_config:
+        return [Case(op, shape, rows)]
+    # The autotuned kernel's configs, each with the launches that follow it (split-K's slice sum).
+    tuned = launches[0].kernel
+    extra = [r for launch, r in zip(launches, rows, strict=True) if launch.kernel != tuned]
+    return [Case(op, shape, [r] + extra) for launch, r in zip(launches, rows, strict=True) if launch.kernel == tuned]
 
 
 def modelled(op: str, shape: str, *, bytes=0.0, flops=0.0, tensor_efficiency=1.0) -> Case:
@@ -293,17 +299,24 @@ def fused_cases(m: int, k: int, n: int, dtype=BF16) -> dict[str, list[Case]]:
     if dtype == torch.float32:
         flops *= 2  # TF32 runs at half the bf16 rate
 
-    def matmul_work(reduction, out_elems):
-        return lambda launch: Work(bytes=weight_bytes + size * (m * k + out_elems), flops=flops,
-                                   trips=math.ceil(reduction / launch.constants["BLOCK_Q"]))
+    def matmul_work(reduction, in_elems, out_elems):
+        def work(launch):
+            if launch.kernel == "_slice_sum_kernel":  # split-K: the fp32 slices summed in order
+                return Work(bytes=out_elems * (4 * launch.constants["SLICES"] + size), elements=out_elems)
+            slices = launch.grid[1]  # split-K: each slice's CTAs run 1/slices of the reduction, write fp32
+            out_bytes = out_elems * (size if slices == 1 else 4 * slices)
+            steps = math.ceil(reduction / launch.constants["BLOCK_Q"])
+            return Work(bytes=weight_bytes + size * in_elems + out_bytes, flops=flops,
+                        trips=math.ceil(steps / slices))
+        return work
 
     return {
         "forward": run_launcher("gated_linear forward (fused)", shape, lambda: diff_linear.gated_linear(
             _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, k), _meta(n, k), _meta(n, dtype=dtype), 5, 0,
-            True, -1.5, 1.5, 1.0), matmul_work(k, m * n), per_config=True),
+            True, -1.5, 1.5, 1.0), matmul_work(k, m * k, m * n), per_config=True),
         "dX": run_launcher("gated_linear dX (fused)", shape, lambda: diff_linear.gated_linear_grad_input(
             _meta(m, n, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0),
-                           matmul_work(n, m * k), per_config=True),
+                           matmul_work(n, m * n, m * k), per_config=True),
         "dW": run_launcher("gated_linear dW routed (fused)", shape, lambda: diff_linear.gated_linear_grad_weight(
             _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype), _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0,
             1e-3), lambda launch: Work(bytes=n * k * 16 + size * m * (n + k), flops=flops,
@@ -457,10 +470,13 @@ def layer_targets(fused: dict, sddmm: dict, gates_by_shape: dict) -> list[Target
         if shape in sddmm:
             gathers, dense, launcher_picks_gathers = sddmm[shape]
             fixed = [masked_weight, gemm, gemm, gathers if launcher_picks_gathers else dense]
-        auto_fused = m <= ops_fused_max_tokens()
+        fused_forward, fused_wgrad = importlib.import_module("dpkernels.path_cost").auto_paths(
+            m, n, k, training=True, input_grad=True, gate_grad=True)
+        auto = (([fwd, dx] if fused_forward else [apply_, gemm, gemm])
+                + ([dw] if fused_wgrad else [gemm, route]))
         paths = {"unfused (gate pass + cuBLAS + routing pass)": unfused,
                  "fused (gates inside Triton GEMMs)": [fwd, dx, dw],
-                 "auto (ops.diff_linear's choice)": [fwd, dx, dw] if auto_fused else unfused}
+                 "auto (ops.diff_linear's choice)": auto}
         if fixed:
             paths["fixed-mask stage (0.5%)"] = fixed
         linear_h100 = sum(c.us(H100) for c in linear)
@@ -522,10 +538,6 @@ def model_step_targets(gates_by_shape: dict) -> list[StepTarget]:
     ]
 
 
-def ops_fused_max_tokens() -> int:
-    return importlib.import_module("dpkernels.ops").FUSED_MAX_TOKENS
-
-
 # ----------------------------------------------------------------------------------------------
 # Everything, and the output.
 
@@ -543,6 +555,7 @@ class Report:
 
 
 def collect() -> Report:
+    os.environ["DPKERNELS_AUTOTUNE"] = "1"  # every autotuning config (a test run's conftest sets 0)
     cases = gate_cases()
     gates_by_shape = {(n, k): (_gate_case("gate_forward train apply bf16", n, k, backward=False),
                                _gate_case("gate_backward train bf16 g, L0", n, k, backward=True))

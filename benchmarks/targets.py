@@ -6,8 +6,9 @@ DIRs hold bench_*.json files (``python -m benchmarks --out DIR``, or unpacked gp
 a later DIR's row replaces an earlier one with the same op, provider, mode, shape and dtype (a rerun
 of some shapes). Only CUDA rows count: CPU smoke rows say nothing about the kernels. Prints two
 Markdown tables: every target with its figure and verdict (met, MISSED, or not measured when a row
-is absent), and the diff-linear paths side by side per token count, which is what sets
-``ops.FUSED_MAX_TOKENS``. The verdicts are computed here, from the rows, and never typed by hand.
+is absent), and the diff-linear paths side by side per token count, which is what calibrates
+``dpkernels.path_cost`` (auto's model). The verdicts are computed here, from the rows, and never
+typed by hand.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import path_cost, reference
 from .backends import preload as preload_backends  # noqa: F401  (nn.py builds through ops)
 from .backends import select
 
@@ -310,16 +310,8 @@ def group_gate(group_log_alpha, seed, offset: int, *, training=True, l=-1.5, r=1
 
 
 _PATH_ENV = "DPKERNELS_DIFF_LINEAR"
-# Token counts up to this take the fused path under auto. Bytes model, pending a GPU measurement:
-# the fused GEMM re-reads theta0 (2 B in bf16), diff and log_alpha (4 B each) and redraws the gate
-# once per row block of the output, the unfused path reads them once (+ writes and re-reads a bf16
-# W, 14 B per weight element in all) and pays one launch more. With one row block (M <= 64) the
-# fused path moves fewer bytes; with two or more it moves more and spends 2x the Philox work. The
-# weight gradient's fused epilogue saves writing and re-reading the compute-dtype dLoss/dW (4 B per
-# element) but DESIGN.md measured a naive one at 1.9x cuBLAS + the routing pass at M = 8192: auto
-# fuses it only with the forward, until bench_diff_linear's fused-wgrad rows say otherwise.
-FUSED_MAX_TOKENS = 64
-# DPKERNELS_DIFF_LINEAR -> (fused forward and dX, fused weight gradient); auto decides by shape.
+# DPKERNELS_DIFF_LINEAR -> (fused forward and dX, fused weight gradient); auto decides per call by
+# dpkernels.path_cost's model of the sm_90 builds (path_cost.auto_paths).
 _PATHS = {"fused": (True, True), "unfused": (False, False), "fused-forward": (True, False),
           "fused-wgrad": (False, True)}
 
@@ -336,15 +328,29 @@ def linear_path() -> str:
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # compute dtypes of the fused GEMMs
 
 
-def _fused_diff_linear(backend, tokens: int, compute_dtype: torch.dtype) -> tuple[bool, bool]:
-    """(fused forward and dX, fused weight gradient) for this call (backends with fused kernels: triton)."""
+def _fused_diff_linear(backend, x2: torch.Tensor, weight: torch.Tensor, diff: torch.Tensor, log_alpha: torch.Tensor,
+                       training: bool) -> tuple[bool, bool]:
+    """(fused forward and dX, fused weight gradient) for this call (backends with fused kernels: triton).
+
+    auto: the paths path_cost predicts faster for this shape, in this call's autograd context (the
+    dX and weight-gradient GEMMs count only when backward will run them). A base weight that needs
+    its own gradient has its dense dW formed by cuBLAS anyway: routing that is one pass, where the
+    fused weight gradient would be a second GEMM."""
     choice = linear_path()
-    has_fused = hasattr(backend, "gated_linear") and compute_dtype in _FUSED_DTYPES
+    has_fused = hasattr(backend, "gated_linear") and x2.dtype in _FUSED_DTYPES
     if choice == "auto":
-        return (has_fused and tokens <= FUSED_MAX_TOKENS,) * 2
+        if not has_fused:
+            return False, False
+        grad = torch.is_grad_enabled()
+        (n, k), m = weight.shape, x2.shape[0]
+        forward, wgrad = path_cost.auto_paths(
+            m, n, k, training=training, input_grad=grad and x2.requires_grad,
+            gate_grad=grad and (diff.requires_grad or log_alpha.requires_grad), base_size=weight.element_size(),
+            cdt_size=x2.element_size())
+        return forward, wgrad and not weight.requires_grad
     if not has_fused and choice != "unfused":
         raise ValueError(f"{_PATH_ENV}={choice} needs the triton backend and fp32/fp16/bf16 activations (got the "
-                         f"{backend.__name__.rsplit('.', 1)[-1]} backend and {compute_dtype})")
+                         f"{backend.__name__.rsplit('.', 1)[-1]} backend and {x2.dtype})")
     return _PATHS[choice]
 
 
@@ -435,6 +441,13 @@ def _diff_linear_backward_impl(backend, grad_y, x, weight, bias, w_eff, diff, lo
     route = needs[3] or needs[4]
     side = None
     if needs[1] or (route and not fused_wgrad):
+        # After cuBLAS's dW (writing 2 B per weight element in bf16) the routing pass is the one
+        # weight-sized pass: it reads dW, diff and log_alpha and writes both fp32 grads (18 B), all
+        # that routing must move. The bias's routing runs on gy.sum(0), N elements, not N K. Only a
+        # base weight that needs its own gradient in a dtype other than the compute dtype adds a
+        # pass, the cast below (2 B read, 4 B written); the routing pass writing it instead would
+        # save its 2 B re-read and a launch (22 of 24 B) for a case diff pruning's frozen base does
+        # not have: not merged. (When the dtypes match, the cast is no pass at all.)
         dense = gy.t() @ x  # dLoss/dW in the compute dtype, as nn.Linear's backward forms it
         if needs[1]:
             grad[1] = dense.to(weight.dtype)
@@ -579,14 +592,17 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     log_alpha and their gradients stay fp32; the weight gradient g = dY^T X is the compute dtype's
     GEMM output on the unfused path and the fp32 accumulator on the fused path.
 
-    Paths (``DPKERNELS_DIFF_LINEAR`` = auto | fused | unfused | fused-forward | fused-wgrad, see
-    :data:`FUSED_MAX_TOKENS`): the unfused path writes the effective weight once and uses cuBLAS
-    (saving that compute-dtype weight for dX, as nn.Linear saves its weight); the fused path
-    (triton backend) draws the gates inside the GEMMs' tile loads and routes the weight gradient in
-    the GEMM's epilogue, so nothing weight-sized is written or saved; the two halves can be chosen
-    apart. ``DPKERNELS_OVERLAP_WGRAD=1`` runs the unfused weight gradient's routing pass on a side
-    stream, beside the dX GEMM (CUDA only; the same results). Under torch.compile the call is the
-    custom op ``dpkernels::diff_linear`` (no graph break).
+    Paths (``DPKERNELS_DIFF_LINEAR`` = auto | fused | unfused | fused-forward | fused-wgrad): the
+    unfused path writes the effective weight once and uses cuBLAS (saving that compute-dtype weight
+    for dX, as nn.Linear saves its weight); the fused path (triton backend) draws the gates inside
+    the GEMMs' tile loads and routes the weight gradient in the GEMM's epilogue, so nothing
+    weight-sized is written or saved; the two halves can be chosen apart. auto takes, per call, the
+    paths that :func:`dpkernels.path_cost.auto_paths` predicts faster: at DESIGN.md's layers the
+    unfused path wherever dX is needed (the fused dX would rebuild W a second time); without dX
+    (inference, a first layer) the fused forward up to M = 128 tokens (eval gates: 256).
+    ``DPKERNELS_OVERLAP_WGRAD=1`` runs the unfused weight gradient's routing pass on a side stream,
+    beside the dX GEMM (CUDA only; the same results). Under torch.compile the call is the custom op
+    ``dpkernels::diff_linear`` (no graph break).
     """
     _check_diff_linear(x, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha)
     check_gate_config(l, r, beta)
@@ -598,7 +614,7 @@ def diff_linear(x, weight, bias, diff, log_alpha, bias_diff=None, bias_log_alpha
     lead, k, n = x.shape[:-1], weight.shape[1], weight.shape[0]
     x2 = x.reshape(lead.numel(), k).to(_compute_dtype(x))  # not -1: k may be 0
     backend = select("diff_linear", diff.device, diff.dtype)
-    fused = _fused_diff_linear(backend, x2.shape[0], x2.dtype)
+    fused = _fused_diff_linear(backend, x2, weight, diff, log_alpha, bool(training))
     args = (x2, weight, bias, diff, log_alpha, bias_diff, bias_log_alpha, seed_t, bool(training), float(l), float(r),
             float(beta), float(l0_lambda), *fused)
     if torch.compiler.is_compiling():

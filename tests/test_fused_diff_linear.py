@@ -115,6 +115,31 @@ def test_every_autotuning_config_matches_float64_reference(device, monkeypatch):
         _check_fused_kernels(device, 512, 768, 3072, torch.bfloat16, torch.bfloat16, True)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_split_k_matches_float64_reference_and_repeats_bit_for_bit(device, monkeypatch):
+    """Split-K: S fp32 slices of whole BLOCK_Q steps, summed in slice order (bias added) by a second
+    launch. From 2 slices to more slices than reduction steps (the last ones empty: they write
+    zeros), one and several row blocks, each compute dtype; the same call twice gives the same bits."""
+    from dpkernels.backends.triton import diff_linear as fused
+
+    for slices, (m, k, n), (cdt, base_dtype) in [  # 16x16x16 blocks interpreted: 7 and 3 reduction steps
+            (2, (9, 100, 40), (torch.bfloat16, torch.bfloat16)), (3, (9, 100, 40), (torch.float16, torch.float32)),
+            (16, (9, 100, 40), (torch.float32, torch.float32)), (3, (33, 45, 21), (torch.bfloat16, torch.bfloat16))]:
+        monkeypatch.setattr(fused, "_split_slices", lambda *args, s=slices: s)
+        _check_fused_kernels(device, m, k, n, cdt, base_dtype, True, which=("y", "dX"))
+    monkeypatch.setattr(fused, "_split_slices", lambda *args: 4)
+    t = _inputs(9, 100, 40, device, torch.bfloat16, torch.bfloat16)
+    gates = (123, 4, True, *GATES)
+    weight = (t["theta0"], t["diff"], t["log_alpha"])
+    for bias in (None, t["bias"]):
+        y = fused.gated_linear(t["x"], *weight, bias, *gates)
+        assert torch.equal(y, fused.gated_linear(t["x"], *weight, bias, *gates))
+        y64 = ref.gated_linear(*(v.double() for v in (t["x"], *weight)), None if bias is None else bias.double(),
+                               *gates)
+        assert_close_by_rule(y, ref.gated_linear(t["x"], *weight, bias, *gates), y64, _atol(y64, torch.bfloat16),
+                             f"split y, bias={bias is not None}")
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's fixed blocks; on a GPU autotuning picks the slices")
 @pytest.mark.parametrize("split", [1, 2, 4])
 def test_weight_gradient_epilogue_slices_route_the_same_gradients(split, monkeypatch):
@@ -203,19 +228,49 @@ def _spy(monkeypatch):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_auto_takes_the_fused_path_for_few_tokens_only(device, monkeypatch):
+def test_auto_takes_the_paths_the_cost_model_predicts_faster(device, monkeypatch):
+    """auto asks path_cost.auto_paths with this call's shape and what its backward will run: dX only
+    when x needs a gradient, the weight gradient only when diff or log_alpha do, and never fused when
+    the base weight needs its own gradient (its dense dW exists anyway: one routing pass, not a second
+    GEMM). The forced paths bypass the model."""
+    from dpkernels import path_cost
+
     monkeypatch.setenv("DPKERNELS_BACKEND", "triton")
-    calls = _spy(monkeypatch)
-    few, many = ops.FUSED_MAX_TOKENS, ops.FUSED_MAX_TOKENS + 1
-    for m in (few, many):
-        x, *rest = _layer_args(device, m=m)
-        dpkernels.diff_linear(x, *rest, seed=1)
-    assert calls == [few]
+    calls, asked = _spy(monkeypatch), []
+    verdict = {"forward": True, "wgrad": True}
+
+    def model(m, n, k, **context):
+        asked.append((m, n, k, context))
+        return verdict["forward"], verdict["wgrad"]
+
+    monkeypatch.setattr(path_cost, "auto_paths", model)
+    x, w, b, d, la, bd, bla = _layer_args(device, m=5)
+    dpkernels.diff_linear(x, w, b, d, la, bd, bla, seed=1)
+    verdict["forward"] = False
+    dpkernels.diff_linear(x.requires_grad_(), w, b, d.requires_grad_(), la, bd, bla, seed=1, training=False)
+    with torch.no_grad():
+        dpkernels.diff_linear(x, w, b, d, la, bd, bla, seed=1)
+    assert calls == [5]  # the fused forward only where the model said so
+    context = dict(base_size=4, cdt_size=4)
+    assert asked == [(5, 7, 9, dict(training=True, input_grad=False, gate_grad=False, **context)),
+                     (5, 7, 9, dict(training=False, input_grad=True, gate_grad=True, **context)),
+                     (5, 7, 9, dict(training=True, input_grad=False, gate_grad=False, **context))]
+    backend = ops.select("diff_linear", d.device, d.dtype)
+    assert ops._fused_diff_linear(backend, x, w, d, la, True) == (False, True)
+    assert ops._fused_diff_linear(backend, x, w.clone().requires_grad_(), d, la, True) == (False, False)
+    asked.clear()
     monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "fused")
-    dpkernels.diff_linear(*_layer_args(device, m=many), seed=1)
+    dpkernels.diff_linear(*_layer_args(device, m=600), seed=1)
     monkeypatch.setenv("DPKERNELS_DIFF_LINEAR", "unfused")
     dpkernels.diff_linear(*_layer_args(device, m=1), seed=1)
-    assert calls == [few, many]
+    assert calls == [5, 600] and not asked
+
+
+def test_auto_keeps_the_backends_without_fused_kernels_unfused(monkeypatch):
+    monkeypatch.setenv("DPKERNELS_BACKEND", "torch")
+    x, w, b, d, la, bd, bla = _layer_args("cpu")
+    backend = ops.select("diff_linear", d.device, d.dtype)
+    assert ops._fused_diff_linear(backend, x, w, d, la, True) == (False, False)
 
 
 def test_path_choice_errors(monkeypatch):

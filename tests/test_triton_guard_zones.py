@@ -147,8 +147,13 @@ def test_gate_kernels_stay_inside_their_tensors(device, n, training):
         assert all(acc.programs(name) == 2 for acc, name in zip(runs, kernels, strict=True))
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 341, 9), (17, 9, 70), (33, 64, 48)])
-def test_fused_linear_kernels_stay_inside_their_tensors(device, m, k, n):
+@pytest.mark.parametrize("m,k,n,slices", [(1, 1, 1, None), (5, 341, 9, None), (17, 9, 70, None), (33, 64, 48, None),
+                                           (5, 341, 9, 3), (33, 64, 48, 7)])
+def test_fused_linear_kernels_stay_inside_their_tensors(device, m, k, n, slices, monkeypatch):
+    """slices: split-K forced (the fp32 workspace guarded too; 7 slices of 3-4 steps: some empty)."""
+    if slices is not None:
+        module = importlib.import_module("dpkernels.backends.triton.diff_linear")
+        monkeypatch.setattr(module, "_split_slices", lambda *args: slices)
     tk, gen = load("triton"), torch.Generator().manual_seed(m + k + n)
     inputs = dict(x=_randn(gen, m, k), gy=_randn(gen, m, n), theta0=_randn(gen, n, k, scale=k**-0.5),
                   diff=_randn(gen, n, k, scale=0.5), la=_randn(gen, n, k, scale=2.0), bias=_randn(gen, n))

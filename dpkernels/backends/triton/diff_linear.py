@@ -25,7 +25,15 @@ registers live for one slice at a time and so allows larger tiles without spills
 
 When each weight tile is re-read by many row blocks (large M) the rebuild's cost (Philox and
 three loads per element per row block) exceeds one gate-apply pass plus cuBLAS; ops.diff_linear
-picks the path per shape (see ``ops._fused_diff_linear``).
+picks the path per shape by dpkernels.path_cost's model.
+
+Split-K (``gated_linear``, ``gated_linear_grad_input``): at one row block (M <= BLOCK_M) the CTAs
+are the output's column tiles alone, too few for the SMs at a narrow output (dX of a 768x3072
+weight: 24 tiles of 32 columns at M <= 128). Then the reduction runs in S slices of whole BLOCK_Q
+steps (grid axis 1), each writing its fp32 partial product to a workspace (S, M, P); a second
+launch sums the slices in slice order, adds the bias and rounds once, so the result is
+reproducible (no atomics). No weight element is rebuilt twice. S comes from
+``path_cost.split_slices`` (1 where the model predicts no gain).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import path_cost
 from ...reference import l0_shift as _l0_shift
 from .device_guard import on_tensor_device
 from .gates import _hard_concrete, _l0_grad, _signed_seed
@@ -57,7 +66,10 @@ def _configs(names: tuple[str, ...], sizes) -> list[triton.Config]:
     return configs
 
 
-# Forward / dX GEMM: (rows, cols, reduction, warps, stages), small row blocks for decoding-sized M.
+# Forward / dX GEMM: (rows, cols, reduction, warps, stages), small row blocks for decoding-sized M;
+# the last three are short-M tiles of 32 or 16 columns: one row block (M <= 64, M <= 128) with 128
+# or 256 CTAs at 4096 output columns, where 64-column tiles left half the 132 SMs idle (path_cost's
+# FUSED_ROWS and FUSED_COLS are the last one's; 128x32x32 with 4 warps reached 255 registers).
 # Weight gradient: (rows, cols, tokens, epilogue slices, warps, stages). The gate draw (Philox,
 # ~10 live registers per element) bounds the tile a thread may hold: in sm_90 builds
 # (tests/test_static_budgets.py) larger tiles or fewer warps spill to local memory, e.g. 128x128x64
@@ -65,11 +77,13 @@ def _configs(names: tuple[str, ...], sizes) -> list[triton.Config]:
 # The forward rebuilds at most 8 weight elements per thread (BLOCK_Q * BLOCK_P / threads): with 16,
 # Triton 3.8 stays under 255 registers (194-248) but Triton 3.6, the GPU image's, spills 80 B in
 # 16x32x64/4, 16x64x64/8 and 64x128x32/8 warps. Every size here compiles spill-free in both with
-# bf16/fp16 or TF32 dots; fp32 IEEE dots (allow_tf32 off) spill 48-664 B in the 64/128-row tiles.
+# bf16/fp16 or TF32 dots (checked in both, the short-M tiles and the split-K sum included); fp32
+# IEEE dots (allow_tf32 off) spill 48-2360 B in the 64/128-row tiles.
 # Routing the weight gradient in 4 column slices brings 128x64 and 64x128 tiles under 255
 # registers with no spill; 128x128 still spills (200 B) and is left out.
 _MATMUL_SIZES = [(16, 32, 32, 4, 3), (16, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3),
-                 (128, 64, 32, 8, 3), (64, 64, 16, 4, 3)]
+                 (128, 64, 32, 8, 3), (64, 64, 16, 4, 3), (64, 32, 32, 4, 3), (64, 16, 64, 4, 3),
+                 (128, 32, 64, 8, 3)]
 _WGRAD_SIZES = [(64, 64, 64, 1, 8, 3), (64, 64, 64, 4, 8, 3), (128, 64, 64, 4, 8, 3), (64, 128, 64, 4, 8, 3),
                 (32, 128, 64, 1, 8, 3)]
 _INTERPRETER_SIZES = (16, 16, 16)  # the interpreter runs blocks in numpy: small blocks, no tuning
@@ -104,19 +118,20 @@ def _dot_acc(acc, a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     return acc
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["seed", "offset", "M", "M_BUCKET", "stride_os"])
 def _gated_matmul_kernel(
     A_ptr,  # activations (M, Q), compute dtype; any strides
     THETA0_ptr,  # frozen base W0, any float dtype, contiguous (N, K)
     DIFF_ptr,  # diff magnitudes, fp32, contiguous (N, K)
     LA_ptr,  # log_alpha, fp32, contiguous (N, K)
     BIAS_ptr,  # effective bias (P,), compute dtype (unused unless HAS_BIAS)
-    OUT_ptr,  # output (M, P), compute dtype
+    OUT_ptr,  # output (M, P), compute dtype; split-K: the fp32 workspace (slices, M, P)
     M, P, Q,  # out = A @ B: (M, Q) @ (Q, P)
     M_BUCKET,  # next power of two of M: the autotuning key (unused in the body)
     stride_am, stride_aq,
     stride_bq, stride_bp,  # flat-index steps of the weight seen as B[q, p]: (1, K) forward, (K, 1) for dX
     stride_om, stride_op,
+    stride_os,  # between split-K slices of OUT (grid axis 1: one slice of the reduction each)
     seed,  # Philox key, int64 two's complement of the unsigned seed
     offset,  # Philox counter of weight element 0
     l, r, beta,  # gate constants
@@ -131,10 +146,14 @@ def _gated_matmul_kernel(
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rp = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_in, p_in = rm < M, rp < P
+    # This program's slice of the reduction: whole BLOCK_Q steps, the last slice shorter (or empty).
+    q_len = tl.cdiv(tl.cdiv(Q, BLOCK_Q), tl.num_programs(1)) * BLOCK_Q
+    q_start = tl.program_id(1) * q_len
+    q_end = tl.minimum(q_start + q_len, Q)
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
+    for q0 in range(q_start, q_end, BLOCK_Q):
         rq = q0 + tl.arange(0, BLOCK_Q).to(tl.int64)
-        q_in = rq < Q
+        q_in = rq < q_end
         a = _load_tile(A_ptr, rm, rq, stride_am, stride_aq, m_in, q_in)
         e = rq[:, None] * stride_bq + rp[None, :] * stride_bp
         b_in = q_in[:, None] & p_in[None, :]
@@ -145,8 +164,37 @@ def _gated_matmul_kernel(
         acc = _dot_acc(acc, a, b, DOT_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS_ptr + rp, mask=p_in, other=0.0).to(tl.float32)[None, :]
-    tl.store(OUT_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, acc.to(OUT_ptr.dtype.element_ty),
+    out = OUT_ptr + tl.program_id(1).to(tl.int64) * stride_os
+    tl.store(out + rm[:, None] * stride_om + rp[None, :] * stride_op, acc.to(OUT_ptr.dtype.element_ty),
              mask=m_in[:, None] & p_in[None, :])
+
+
+@triton.jit
+def _slice_sum_kernel(
+    WS_ptr,  # split-K partial products, fp32, contiguous (SLICES, M, P)
+    BIAS_ptr,  # effective bias (P,), compute dtype (unused unless HAS_BIAS)
+    OUT_ptr,  # output, contiguous (M, P), compute dtype
+    n_out,  # M * P
+    P,
+    SLICES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = round(sum of the slices in slice order + bias): the fixed-order split-K reduction."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n_out
+    ws = WS_ptr + i
+    acc = tl.load(ws, mask=inside, other=0.0)
+    for _ in tl.static_range(1, SLICES):
+        ws += n_out  # (a pointer step: no int32 product of slice and size)
+        acc += tl.load(ws, mask=inside, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS_ptr + i % P, mask=inside, other=0.0).to(tl.float32)
+    tl.store(OUT_ptr + i, acc.to(OUT_ptr.dtype.element_ty), mask=inside)
+
+
+_SLICE_SUM_BLOCK = 1024
+_SLICE_SUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["seed", "offset", "M", "M_BUCKET"])
@@ -282,6 +330,13 @@ def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
+def _split_slices(m, p, q, training, theta0, a) -> int:
+    """Split-K slices for this launch: the model's choice at M's bucket (the autotuning key), so that
+    all calls sharing a tuned config share a split."""
+    return path_cost.split_slices(_bucket(m), p, q, training=bool(training), base_size=theta0.element_size(),
+                                  cdt_size=a.element_size())
+
+
 def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta, *, transposed):
     m, q = a.shape
     n, k = theta0.shape
@@ -293,16 +348,23 @@ def _gated_matmul(a, theta0, diff, log_alpha, bias, seed, offset, training, l, r
         return out.zero_() if bias is None else out.copy_(bias.expand_as(out))
     strides = (1, k) if not transposed else (k, 1)
     dot_fp32, precision = _precision(a.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)  # noqa: E731
+    slices = _split_slices(m, p, q, training, theta0, a)
+    # Split-K: the slices' fp32 partial products go to a workspace; the bias comes with their sum.
+    target = out if slices == 1 else torch.empty((slices, m, p), dtype=torch.float32, device=a.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), slices)  # noqa: E731
     kernel, blocks = _kernel(_matmul_tuned, _gated_matmul_kernel, _MATMUL_BLOCKS)
     kernel[grid](
-        a, theta0, diff, log_alpha, bias if bias is not None else out, out, m, p, q, _bucket(m),
-        a.stride(0), a.stride(1), *strides, out.stride(0), out.stride(1),
+        a, theta0, diff, log_alpha, bias if bias is not None else out, target, m, p, q, _bucket(m),
+        a.stride(0), a.stride(1), *strides, target.stride(-2), target.stride(-1),
+        target.stride(0) if slices > 1 else 0,
         _signed_seed(seed if training else 0), offset if training else 0, float(l), float(r), float(beta),
-        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
-        PRECISION=precision, GROUP_M=8,
-        **blocks,
+        TRAINING=bool(training), BETA_ONE=float(beta) == 1.0, HAS_BIAS=bias is not None and slices == 1,
+        DOT_FP32=dot_fp32, PRECISION=precision, GROUP_M=8, **blocks,
     )
+    if slices > 1:
+        _slice_sum_kernel[(triton.cdiv(m * p, _SLICE_SUM_BLOCK),)](
+            target, bias if bias is not None else out, out, m * p, p, SLICES=slices, HAS_BIAS=bias is not None,
+            BLOCK=_SLICE_SUM_BLOCK, num_warps=_SLICE_SUM_WARPS)
     return out
 
 

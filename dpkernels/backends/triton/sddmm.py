@@ -23,28 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import path_cost
 from .device_guard import on_tensor_device
 
 _BLOCK_J = 256
 _NUM_WARPS = 4
 # Tokens per launch: X^T's chunk of this many bytes stays resident in L2 (50-60 MB on Hopper),
-# beside the streamed dY^T rows.
+# beside the streamed rows of dY.
 CHUNK_BYTES = 16 << 20
-# The cost model's constants (benchmarks/static.py's H200; tests/test_static_budgets.py holds them
-# equal): L2 -> SM and DRAM bytes per second, bf16 tensor FLOPs per second.
-L2_BANDWIDTH, DRAM_BANDWIDTH, TENSOR_FLOPS = 6.0e12, 4.3e12, 788e12
 
 
 def gathers_cheaper(m: int, n: int, k: int, nnz: int) -> bool:
-    """Whether the kernel's gathers are predicted faster than one GEMM + gather at M x K -> N.
-
-    Per token, the gathers move 2 B of X^T per entry from L2 (dY's rows, shared by sorted entries,
-    add little), the transpose of X 2 x 2 B per element of X through DRAM, and dY is read once (2 B
-    per element); the GEMM does 2 N K FLOPs. So the gathers win below a density of about
-    (L2 / tensor rate) (1 - DRAM bytes / GEMM): ~0.7% at 4096 -> 11008, ~0.5% at 768 -> 3072.
-    The same for fp32 inputs: twice the bytes, half the (TF32) rate."""
-    gathers = 2.0 * nnz * m / L2_BANDWIDTH + 2.0 * m * (n + 2 * k) / DRAM_BANDWIDTH
-    return gathers < 2.0 * m * n * k / TENSOR_FLOPS
+    """Whether the gathers beat one GEMM + gather here (dpkernels.path_cost.sddmm_gathers_pay)."""
+    return path_cost.sddmm_gathers_pay(m, n, k, nnz)
 
 
 @triton.jit(do_not_specialize=["nnz"])
