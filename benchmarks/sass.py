@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -108,9 +109,10 @@ def access_bytes(opcode: str) -> int:
     return 4
 
 
-def disassemble(binary: bytes | str, arch: str = "sm_90") -> dict[str, Function]:
-    """Functions of a cubin (bytes) or of an ELF/.so holding cubins (path), by mangled name: those
-    built for `arch` only (an extension built for sm_80 and sm_90 holds each kernel twice)."""
+@functools.cache
+def _cuobjdump(binary: bytes | str, arch: str) -> tuple[str, str]:
+    """(SASS, resource usage) of a cubin or an ELF: cached, since the launches of many shapes share
+    one specialization, hence one cubin."""
     with contextlib.ExitStack() as stack:
         if isinstance(binary, bytes):
             f = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".cubin"))
@@ -123,6 +125,13 @@ def disassemble(binary: bytes | str, arch: str = "sm_90") -> dict[str, Function]
         sass = subprocess.run([*cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([*cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                                check=True).stdout
+    return sass, usage
+
+
+def disassemble(binary: bytes | str, arch: str = "sm_90") -> dict[str, Function]:
+    """Functions of a cubin (bytes) or of an ELF/.so holding cubins (path), by mangled name: those
+    built for `arch` only (an extension built for sm_80 and sm_90 holds each kernel twice)."""
+    sass, usage = _cuobjdump(binary, arch)
     functions: dict[str, list[Instruction]] = {}
     current = None
     for line in sass.splitlines():
