@@ -7,6 +7,8 @@ the real kernels run and the cuda-marked tests are collected too.
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,3 +159,24 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_collectionfinish(config):
     return config.stash.get(_QUICK_SUMMARY, [])
+
+
+def sm90_tools_missing() -> str | None:
+    """Why Triton cannot compile for sm_90 here (no triton, or its ptxas/cuobjdump missing), or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return None if os.path.exists(tool) else "triton's NVIDIA backend tools (ptxas, cuobjdump) are missing"
+
+
+def run_sm90_compiles(args: list[str]) -> subprocess.CompletedProcess:
+    """`python ARGS` from the repository root in a fresh process that compiles for real: without
+    TRITON_INTERPRET (set above for this process) and without DPKERNELS_AUTOTUNE=0 (every config)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPKERNELS_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run

@@ -3,39 +3,21 @@ by, held to benchmarks.static's machinery on the compiled sm_90 kernels (tests/_
 in a fresh process without TRITON_INTERPRET): its constants, predictions and decisions at DESIGN.md's
 layers (4096x4096, 11008x4096, 3072x768; M = 1, 16, 64, 512, 8192)."""
 
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_sm90_compiles, sm90_tools_missing
 
 from dpkernels import path_cost as cost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _compiler_missing() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return None if os.path.exists(tool) else "triton's NVIDIA backend tools (ptxas, cuobjdump) are missing"
-
-
-needs_compiler = pytest.mark.skipif(_compiler_missing() is not None, reason=f"{_compiler_missing()}")
+needs_compiler = pytest.mark.skipif(sm90_tools_missing() is not None, reason=f"{sm90_tools_missing()}")
 
 
 @pytest.fixture(scope="module")
 def report():
-    # The real compiler, not numpy; every autotuning config (conftest.py sets DPKERNELS_AUTOTUNE=0).
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPKERNELS_AUTOTUNE")}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, os.path.join(HERE, "_path_cost_static.py")], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_sm90_compiles([os.path.join(HERE, "_path_cost_static.py")])
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

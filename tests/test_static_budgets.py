@@ -10,36 +10,17 @@ lose its vector loads fails CI. Predictions, not measurements: benchmarks/RESULT
 import importlib
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_sm90_compiles, sm90_tools_missing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tools_missing() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return None if os.path.exists(tool) else "triton's NVIDIA backend tools (ptxas, cuobjdump) are missing"
-
-
-pytestmark = pytest.mark.skipif(_tools_missing() is not None, reason=f"{_tools_missing()}")
+pytestmark = pytest.mark.skipif(sm90_tools_missing() is not None, reason=f"{sm90_tools_missing()}")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "static.json"
-    # The real compiler, not numpy; every autotuning config (conftest.py sets DPKERNELS_AUTOTUNE=0).
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPKERNELS_AUTOTUNE")}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-m", "benchmarks.static", "--json", str(out)], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_sm90_compiles(["-m", "benchmarks.static", "--json", str(out)])
     return json.loads(out.read_text())
 
 
