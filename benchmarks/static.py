@@ -1,6 +1,6 @@
 """Static performance model of every GPU kernel, from its sm_90 build: speed checked without a GPU.
 
-    python -m benchmarks.static [--json FILE] [--write-results]
+    python -m benchmarks.static [--summary] [--json FILE] [--workers N]
 
 Each Triton launcher runs on meta tensors at DESIGN.md's shapes while Triton compiles for sm_90
 exactly as its runtime would (``benchmarks.sass.compile_launches``: the same specialization and
@@ -51,7 +51,7 @@ class Gpu:
     bandwidth: float  # DRAM bytes/s the model uses (a copy's measured rate where known)
     peak_bandwidth: float  # the datasheet's
     tensor_flops: float  # dense bf16 FLOP/s reached by a large GEMM
-    l2_bandwidth: float  # L2 -> SM bytes/s (a lead, not measured here)
+    l2_bandwidth: float  # L2 -> SM bytes/s (a lower bound, derived below; not measured)
 
     @property
     def issue_rate(self) -> float:

@@ -90,11 +90,20 @@ def tokens_per_launch(m: int, k: int, itemsize: int) -> int:
     return min(m, steps * block)
 
 
+_MM_FP32_OUT = [True]  # whether torch.mm takes out_dtype here (newer torch, CUDA); learnt on first use
+
+
 def _dense(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(dY^T X)[index] by one GEMM with an fp32 output (bf16/fp16 inputs multiply on tensor cores)."""
-    if grad_y.is_cuda and grad_y.dtype in (torch.bfloat16, torch.float16) and grad_y.dtype == x.dtype:
-        full = torch.mm(grad_y.t(), x, out_dtype=torch.float32)
-    else:
+    """(dY^T X)[index] by one GEMM with an fp32 output: bf16/fp16 inputs multiply on tensor cores
+    where torch.mm has out_dtype, else in fp32 (slower, the same accuracy)."""
+    half = grad_y.is_cuda and grad_y.dtype in (torch.bfloat16, torch.float16) and grad_y.dtype == x.dtype
+    full = None
+    if half and _MM_FP32_OUT[0]:
+        try:
+            full = torch.mm(grad_y.t(), x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the overload
+            _MM_FP32_OUT[0] = False
+    if full is None:
         full = grad_y.float().t() @ x.float()
     return full.view(-1)[index]
 
