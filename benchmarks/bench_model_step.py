@@ -318,10 +318,10 @@ def run(device: str, presets: list[str], providers: list[str], *, batch: int | N
         else:
             steps = {provider: _setup(provider, preset, b, s, device) for provider in by_provider}
             times = time_interleaved({p: step for p, (step, _, _) in steps.items()}, warmup=2, reps=reps)
-            for provider, (step, model, gated[provider]) in steps.items():
-                by_provider[provider].update(zip(("ms", "ms_q20", "ms_q80"), times[provider], strict=True))
-                counts[provider] = _counts(step, model, device)
-            del step, model
+            for provider, (ms, q20, q80) in times.items():
+                by_provider[provider].update(ms=ms, ms_q20=q20, ms_q80=q80)
+            counts.update({p: _counts(step, model, device) for p, (step, model, _) in steps.items()})
+            gated.update({p: n for p, (_, _, n) in steps.items()})
             del steps
             _free(device)
         for provider, row in by_provider.items():
