@@ -459,7 +459,8 @@ def layer_targets(fused: dict, sddmm: dict, gates_by_shape: dict) -> list[Target
     out = []
     for m, k, n in LINEAR_SHAPES:
         shape = f"{m}x{k}->{n}"
-        gemm = modelled("GEMM", shape, flops=2.0 * m * n * k)
+        # Each of the three GEMMs reads two of (W, X, dY) and writes the third, bf16.
+        gemm = modelled("GEMM", shape, flops=2.0 * m * n * k, bytes=2.0 * (n * k + m * k + m * n))
         linear = [gemm] * 3
         apply_, route = gates_by_shape[(n, k)]
         unfused = [apply_] + linear + [route]
@@ -604,8 +605,8 @@ def collect(workers: int | None = None) -> Report:
             if (m, k, n) in jobs["sddmm"]:
                 nnz = round(MASK_DENSITY * n * k)
                 gathers = jobs["sddmm"][(m, k, n)].result()
-                dense = modelled("dense dY^T X GEMM (cuBLAS)", shape, flops=2.0 * m * n * k,
-                                 bytes=nnz * (8 + 4 + 32))
+                dense = modelled("dense dY^T X GEMM (cuBLAS)", shape, flops=2.0 * m * n * k,  # fp32 out, gathered
+                                 bytes=2.0 * m * (n + k) + 4.0 * n * k + nnz * (8 + 4 + 32))
                 sddmm[shape] = (gathers, dense, sddmm_module.gathers_cheaper(m, n, k, nnz))
                 cases += [gathers, dense]
         for job in jobs["fp32"]:
