@@ -652,7 +652,8 @@ def summary_rows(report: Report) -> list[Row]:
             rows += case.rows
         elif case.op.startswith("sddmm"):
             kernel = [r for r in case.rows if r.backend == "triton"]
-            merged = Row(**{**asdict(kernel[0]), "variant": f"{len(kernel)} launches + the transpose of X",
+            launches = f"{len(kernel)} launch" + ("es" if len(kernel) > 1 else "")
+            merged = Row(**{**asdict(kernel[0]), "variant": f"{launches} + the transpose of X",
                             "h200_us": case.us(H200), "h100_us": case.us(H100)})
             rows.append(merged)
     best: dict[tuple[str, str], Row] = {}
