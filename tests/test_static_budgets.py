@@ -46,6 +46,12 @@ def test_every_triton_variant_compiles_without_spills_but_fp32_ieee_dots(report)
     assert {"gate_forward train apply bf16", "gate_backward train bf16 g, L0", "gated_linear forward",
             "gated_linear dX", "gated_linear dW routed", "sddmm", "scatter_apply bf16",
             "scatter_restore bf16"} <= ops | {o.split(" [")[0] for o in ops}
+    # Every autotuning config was compiled (not the one fixed tile of DPKERNELS_AUTOTUNE=0).
+    diff_linear = importlib.import_module("dpkernels.backends.triton.diff_linear")
+    for op, sizes in (("gated_linear forward (fused)", diff_linear._MATMUL_SIZES),
+                      ("gated_linear dW routed (fused)", diff_linear._WGRAD_SIZES)):
+        variants = {r["variant"] for r in _rows(report, "triton", op) if r["shape"] == "8192x4096->11008"}
+        assert len(variants) == len(sizes), (op, variants)
 
 
 # (op prefix, bytes per element moved, budget in instructions per element, why)
