@@ -197,10 +197,6 @@ class Case:
     def us(self, gpu: Gpu) -> float:
         return sum(r.h200_us if gpu is H200 else r.h100_us for r in self.rows)
 
-    def best(self) -> Case:
-        """The autotuner's pick as the model sees it: the fastest config (H200)."""
-        return Case(self.op, self.shape, [min(self.rows, key=lambda r: r.h200_us)])
-
 
 def _variant(launch) -> str:
     c = launch.constants
@@ -223,12 +219,12 @@ def run_launcher(op: str, shape: str, call, work_of, units_of=lambda launch: 0, 
     return [Case(op, shape, [r] + extra) for launch, r in zip(launches, rows, strict=True) if launch.kernel == tuned]
 
 
-def modelled(op: str, shape: str, *, bytes=0.0, flops=0.0, tensor_efficiency=1.0) -> Case:
+def modelled(op: str, shape: str, *, bytes=0.0, flops=0.0) -> Case:
     """A torch step (cuBLAS GEMM, a copy) that has no kernel of ours: bytes at the DRAM rate and
     FLOPs at the tensor rate, one launch."""
     row = Row(op, "torch (model)", "", shape, 0, 0, 0, 0, 0, [], 0, 0, 0, 0, bytes, flops, 0,
-              *(1e6 * (max(bytes / g.bandwidth, flops / (g.tensor_flops * tensor_efficiency)) + LAUNCH_S)
-                for g in (H200, H100)), "tensor" if flops else "memory")
+              *(1e6 * (max(bytes / g.bandwidth, flops / g.tensor_flops) + LAUNCH_S) for g in (H200, H100)),
+              "tensor" if flops else "memory")
     return Case(op, shape, [row])
 
 
@@ -288,35 +284,41 @@ def _fp32_matmul_precision(precision: str):
         matmul.fp32_precision = before
 
 
+def fused_matmul_work(m: int, p: int, q: int, *, size: int = 2, flops: float):
+    """Work of each launch of the fused forward / dX GEMM (M, Q) @ W-as-(Q, P), activations and base
+    in `size` bytes, for run_launcher: the weight (base, fp32 diff and log_alpha) read from DRAM
+    once and re-read from L2 by every row block after the first, the activations once, the output
+    written (split-K: each slice's fp32 partial products, then summed in order by _slice_sum_kernel)."""
+    weight = p * q * (size + 4 + 4)
+
+    def work(launch):
+        if launch.kernel == "_slice_sum_kernel":
+            return Work(bytes=m * p * (4 * launch.constants["SLICES"] + size), elements=m * p)
+        c, slices = launch.constants, launch.grid[1]  # split-K: each slice runs 1/slices of the reduction
+        rebuilds = math.ceil(m / c["BLOCK_M"])
+        return Work(bytes=weight + size * m * q + m * p * (size if slices == 1 else 4 * slices),
+                    l2_bytes=(rebuilds - 1) * weight, flops=flops,
+                    trips=math.ceil(math.ceil(q / c["BLOCK_Q"]) / slices))
+    return work
+
+
 def fused_cases(m: int, k: int, n: int, dtype=BF16) -> dict[str, list[Case]]:
     """Each fused GEMM's every autotuning config at M x K -> N (one Case per config), activations
     and base in `dtype` (fp32: TF32 dots, as torch's default fp32_precision="tf32" would take)."""
     diff_linear = importlib.import_module("dpkernels.backends.triton.diff_linear")
     shape = f"{m}x{k}->{n}" + ("" if dtype == BF16 else f" {str(dtype).split('.')[-1]}")
     size = torch.finfo(dtype).bits // 8
-    weight_bytes = n * k * (size + 4 + 4)  # theta0, diff, log_alpha: read at least once
     flops = 2.0 * m * n * k / TRITON_TENSOR_EFFICIENCY  # tensor work at the rate Triton reaches
     if dtype == torch.float32:
         flops *= 2  # TF32 runs at half the bf16 rate
 
-    def matmul_work(reduction, in_elems, out_elems):
-        def work(launch):
-            if launch.kernel == "_slice_sum_kernel":  # split-K: the fp32 slices summed in order
-                return Work(bytes=out_elems * (4 * launch.constants["SLICES"] + size), elements=out_elems)
-            slices = launch.grid[1]  # split-K: each slice's CTAs run 1/slices of the reduction, write fp32
-            out_bytes = out_elems * (size if slices == 1 else 4 * slices)
-            steps = math.ceil(reduction / launch.constants["BLOCK_Q"])
-            return Work(bytes=weight_bytes + size * in_elems + out_bytes, flops=flops,
-                        trips=math.ceil(steps / slices))
-        return work
-
     return {
         "forward": run_launcher("gated_linear forward (fused)", shape, lambda: diff_linear.gated_linear(
             _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, k), _meta(n, k), _meta(n, dtype=dtype), 5, 0,
-            True, -1.5, 1.5, 1.0), matmul_work(k, m * k, m * n), per_config=True),
+            True, -1.5, 1.5, 1.0), fused_matmul_work(m, n, k, size=size, flops=flops), per_config=True),
         "dX": run_launcher("gated_linear dX (fused)", shape, lambda: diff_linear.gated_linear_grad_input(
             _meta(m, n, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0),
-                           matmul_work(n, m * n, m * k), per_config=True),
+                           fused_matmul_work(m, k, n, size=size, flops=flops), per_config=True),
         "dW": run_launcher("gated_linear dW routed (fused)", shape, lambda: diff_linear.gated_linear_grad_weight(
             _meta(m, n, dtype=dtype), _meta(m, k, dtype=dtype), _meta(n, k), _meta(n, k), 5, 0, True, -1.5, 1.5, 1.0,
             1e-3), lambda launch: Work(bytes=n * k * 16 + size * m * (n + k), flops=flops,

@@ -18,18 +18,14 @@ import torch
 from benchmarks import static
 from benchmarks.sass import compile_launches
 from dpkernels import path_cost
-from dpkernels.backends.triton import diff_linear, gates
+from dpkernels.backends.triton import diff_linear
 
 BF16 = torch.bfloat16
+_meta = static._meta  # meta tensors: launchers run on them, nothing is allocated
 WEIGHTS = [(4096, 4096), (11008, 4096), (3072, 768)]  # (N, K) of DESIGN.md's layers
 TOKENS = [1, 16, 64, 512, 8192]
 EFFICIENCY = path_cost.TRITON_TENSOR_EFFICIENCY
-_functions: dict[int, tuple] = {}  # one disassembly per binary: the shapes share them
 SPILLS: dict[str, int] = {}  # stack bytes per thread of any launch that spills
-
-
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(*shape, dtype=dtype, device="meta")
 
 
 def _rows(op, call, work_of, units_of=lambda launch: 0):
@@ -37,9 +33,7 @@ def _rows(op, call, work_of, units_of=lambda launch: 0):
         call()
     rows = []
     for launch in launches:
-        if id(launch.compiled) not in _functions:
-            _functions[id(launch.compiled)] = (launch.compiled, launch.function())
-        fn = _functions[id(launch.compiled)][1]
+        fn = launch.function()  # benchmarks.sass caches the disassembly per cubin: the shapes share them
         if fn.stack:
             SPILLS[f"{launch.kernel} {launch.constants}"] = fn.stack
         rows.append((launch, static.analyse(op, "triton", launch.kernel, "", fn, threads=launch.threads,
@@ -51,17 +45,7 @@ def _rows(op, call, work_of, units_of=lambda launch: 0):
 def _matmul(m, p, q, call):
     """(best config's H200 us incl. the slice sum, its slices, its CTAs, per-config instructions per
     rebuilt element)."""
-    def work(launch):
-        if launch.kernel == "_slice_sum_kernel":
-            return static.Work(bytes=m * p * (4 * launch.constants["SLICES"] + 2), elements=m * p)
-        c, slices = launch.constants, launch.grid[1]
-        weight = p * q * (2 + 4 + 4)
-        rebuilds = math.ceil(m / c["BLOCK_M"])
-        return static.Work(bytes=weight + 2 * m * q + m * p * (2 if slices == 1 else 4 * slices),
-                           l2_bytes=(rebuilds - 1) * weight, flops=2.0 * m * p * q / EFFICIENCY,
-                           trips=math.ceil(math.ceil(q / c["BLOCK_Q"]) / slices))
-
-    rows = _rows("gated_linear", call, work)
+    rows = _rows("gated_linear", call, static.fused_matmul_work(m, p, q, flops=2.0 * m * p * q / EFFICIENCY))
     tiles = [(launch, row) for launch, row in rows if launch.kernel == "_gated_matmul_kernel"]
     sums = [row.h200_us for launch, row in rows if launch.kernel == "_slice_sum_kernel"]
     launch, best = min(tiles, key=lambda lr: lr[1].h200_us)
@@ -75,20 +59,9 @@ def _name(launch) -> str:
     return f"{c['BLOCK_M']}x{c['BLOCK_P']}x{c['BLOCK_Q']} w{launch.num_warps}"
 
 
-def _gate(n, nbytes, call):
-    ((_, row),) = _rows("gate", call, lambda _: static.Work(bytes=n * nbytes, elements=n),
-                        lambda launch: launch.constants["BLOCK"] // launch.threads)
-    return row.h200_us
-
-
 def _gate_passes(n: int, k: int) -> tuple[float, float]:
     """H200 us of the gate-apply pass writing W in bf16 and of the routing pass (bf16 dW, with L0)."""
-    e = n * k
-    apply_us = _gate(e, 2 + 4 + 4 + 2, lambda: gates.gate_forward(
-        _meta(e), 5, 0, True, -1.5, 1.5, 1.0, theta0=_meta(e, dtype=BF16), diff=_meta(e), out_dtype=BF16))
-    route_us = _gate(e, 2 + 4 + 4 + 4 + 4, lambda: gates.gate_backward(
-        _meta(e, dtype=BF16), _meta(e), _meta(e), 5, 0, True, -1.5, 1.5, 1.0, 1e-3))
-    return apply_us, route_us
+    return tuple(static._gate_case("gate", n, k, backward=backward).us(static.H200) for backward in (False, True))
 
 
 def _fused(m: int, n: int, k: int, training: bool = True):

@@ -31,10 +31,10 @@ def _rows(report, backend=None, op=None):
     return rows
 
 
-def _issue_bound_instructions(bytes_per_element: float, bandwidth: float) -> float:
-    """Instructions per element at which the H200's issue rate (132 SMs x 4 schedulers x 32 lanes x
-    1.98 GHz) takes as long as moving the element's bytes at `bandwidth`."""
-    return bytes_per_element * 132 * 4 * 32 * 1.98e9 / bandwidth
+def _issue_bound_instructions(h200: dict, bytes_per_element: float, bandwidth: float) -> float:
+    """Instructions per element at which the H200's issue rate (its SMs x 4 schedulers x 32 lanes x
+    the clock) takes as long as moving the element's bytes at `bandwidth`."""
+    return bytes_per_element * h200["sms"] * 4 * 32 * h200["clock_hz"] / bandwidth
 
 
 def test_every_triton_variant_compiles_without_spills_but_fp32_ieee_dots(report):
@@ -70,7 +70,8 @@ GATE_BUDGETS = [
 
 @pytest.mark.parametrize("op,nbytes,budget,why", GATE_BUDGETS, ids=[b[0] for b in GATE_BUDGETS])
 def test_triton_gate_passes_stay_memory_bound(report, op, nbytes, budget, why):
-    assert budget <= _issue_bound_instructions(nbytes, 4.3e12), why  # every budget is memory-bound at least
+    h200 = report["gpus"]["H200"]  # every budget is memory-bound at least at the copy rate (4.3 TB/s)
+    assert budget <= _issue_bound_instructions(h200, nbytes, h200["bandwidth"]), why
     for r in _rows(report, "triton", op):
         assert r["per_unit"] <= budget, f"{r['name']}: {r['per_unit']:.1f} SASS per element > {budget} ({why})"
         assert r["bound"] == "memory", r["name"]
@@ -88,7 +89,8 @@ def test_gate_passes_keep_enough_bytes_in_flight(report):
     flight, ~29 KB per SM. Resident threads (by registers and shared memory) times the bytes each
     thread loads in its straight-line pass must leave twice that, or occupancy, not bandwidth,
     would bound these passes."""
-    need = 4.8e12 * 0.8e-6 / 132
+    h200 = report["gpus"]["H200"]
+    need = h200["peak_bandwidth"] * 0.8e-6 / h200["sms"]
     for r in _rows(report, "triton", "gate_"):
         per_thread = (r["bytes"] / r["ctas"]) / 128  # 4 warps per program
         in_flight = r["ctas_per_sm"] * 128 * per_thread
