@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import math
 
-# H200 (benchmarks.static.H200: a copy's measured bandwidth, a large bf16 GEMM's measured rate).
+# H200, the one set of figures of the model (benchmarks.static.H200 is built from them and says
+# where each comes from: a copy's measured bandwidth, a large bf16 GEMM's measured rate, ...).
 SMS = 132
-ISSUE_RATE = SMS * 4 * 32 * 1.98e9  # thread-instructions per second: 4 schedulers per SM at 1.98 GHz
+CLOCK_HZ = 1.98e9  # SM clock under load
+ISSUE_RATE = SMS * 4 * 32 * CLOCK_HZ  # thread-instructions per second: 4 schedulers per SM
 BANDWIDTH = 4.3e12  # DRAM bytes per second
 L2_BANDWIDTH = 6.0e12  # L2 -> SM bytes per second (benchmarks.static derives this lower bound)
 TENSOR_FLOPS = 788e12  # cuBLAS's bf16 rate
