@@ -7,11 +7,17 @@ of passes over the training split:
     full          full finetuning, every parameter (``dpkernels.pipeline.baseline``, as ``dpkernels baseline``)
     diff0.5       diff pruning at 0.5% of the parameters (``dpkernels.pipeline.finetune``)
     diff0.1       diff pruning at 0.1%
+    magnitude0.5  magnitude pruning of a dense diff at 0.5%, the baseline the L0 stage must beat: the
+                  same pipeline with the gates held open and no penalty (``--selection magnitude``),
+                  so the projection keeps the k largest |w|
     last_layer    the paper's last-layer baseline: the task head + the last encoder layer + the
                   pooler (``dpkernels.pipeline.baseline``, as ``dpkernels baseline --method last-layer``)
     head          a linear probe: the task head only (not run by default)
 
-``diffP`` is diff pruning keeping P% of the parameters (``diff0.25``, ``diff1``...). Diff pruning
+``diffP`` is diff pruning keeping P% of the parameters (``diff0.25``, ``diff1``...), ``magnitudeP``
+its magnitude-pruning baseline. Diff pruning's rows also report the L0 stage: the share of gates
+open after it, E[L0] as a multiple of the projection's k, and the overlap of the kept entries with
+the k largest |w| (100% for magnitude pruning by construction). Diff pruning
 spends the same total epochs as the baselines: ``--l0-epochs`` of L0 training (default:
 ``FinetuneConfig``'s, one) and the rest as fixed-mask finetuning after the projection.
 
@@ -50,8 +56,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_METHODS = "full,diff0.5,diff0.1,last_layer"
 TARGET_POINTS = 1.0  # diff pruning at 0.5% must be within this many accuracy points of full finetuning
 FIELDS = ["key", "method", "params_stored", "params_total", "percent_params", "test_accuracy",
-          "validation_accuracy", "train_seconds", "epochs", "device", "nonzeros", "diff_file_bytes"]
-_DIFF = re.compile(r"^diff(\d+(?:\.\d*)?|\.\d+)%?$")
+          "validation_accuracy", "train_seconds", "epochs", "device", "nonzeros", "diff_file_bytes",
+          "open_gate_fraction", "expected_l0_over_k", "magnitude_overlap"]
+_DIFF = re.compile(r"^(diff|magnitude)(\d+(?:\.\d*)?|\.\d+)%?$")
+_L0_FIELDS = ("open_gate_fraction", "expected_l0_over_k", "magnitude_overlap")
 
 
 def parse_methods(text: str) -> list[tuple[str, str, float | None]]:
@@ -66,12 +74,12 @@ def parse_methods(text: str) -> list[tuple[str, str, float | None]]:
             continue
         m = _DIFF.match(key)
         if not m:
-            raise ValueError(f"unknown method {raw.strip()!r}: use full, last_layer, head or diffP "
-                             "(diff pruning keeping P% of the parameters, e.g. diff0.5)")
-        percent = float(m.group(1))
+            raise ValueError(f"unknown method {raw.strip()!r}: use full, last_layer, head, diffP (diff pruning "
+                             "keeping P% of the parameters, e.g. diff0.5) or magnitudeP")
+        kind, percent = m.group(1), float(m.group(2))
         if not 0 < percent <= 100:
             raise ValueError(f"{raw.strip()!r}: the percentage must be in (0, 100]")
-        methods.append((f"diff{percent:g}", "diff", percent / 100))
+        methods.append((f"{kind}{percent:g}", kind, percent / 100))
     if not methods:
         raise ValueError("no methods given")
     keys = [k for k, _, _ in methods]
@@ -81,8 +89,9 @@ def parse_methods(text: str) -> list[tuple[str, str, float | None]]:
 
 
 def _label(kind: str, sparsity: float | None, structured: bool) -> str:
-    if kind == "diff":
-        return f"{'structured ' if structured else ''}diff pruning {100 * sparsity:g}%"
+    if kind in ("diff", "magnitude"):
+        name = "diff pruning" if kind == "diff" else "magnitude pruning"
+        return f"{'structured ' if structured else ''}{name} {100 * sparsity:g}%"
     return {"full": "full finetuning", "last_layer": "last layer", "head": "task head only"}[kind]
 
 
@@ -114,7 +123,7 @@ def run(args) -> tuple[list[dict], dict]:
               f"method (diff pruning: {l0_epochs} L0 + {fixed_epochs} fixed-mask) on {device}", flush=True)
         for key, kind, sparsity in methods:
             row = _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_epochs, diff_lrs)
-            if kind == "diff":
+            if kind in ("diff", "magnitude"):
                 head = row.pop("dense_head_parameters")
             runs[key].append({**row, "seed": seed})
     rows = [_mean_row(runs[key]) for key, _, _ in methods]
@@ -123,7 +132,8 @@ def run(args) -> tuple[list[dict], dict]:
                 examples=sizes, max_examples=args.max_examples, max_length=args.max_length,
                 batch_size=args.batch_size, epochs=args.epochs, l0_epochs=l0_epochs, fixed_epochs=fixed_epochs,
                 structured=args.structured, seed=args.seeds[0], seeds=list(args.seeds), dense_head_parameters=head,
-                lrs=lrs, l0_lambda=defaults.l0_lambda, alpha_init=defaults.alpha_init, **environment(device))
+                lrs=lrs, l0_target=defaults.l0_target, l0_lambda=defaults.l0_lambda, alpha_init=defaults.alpha_init,
+                **environment(device))
     return rows, meta
 
 
@@ -134,7 +144,7 @@ def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_e
     label = _label(kind, sparsity, args.structured)
     print(f"\n== {label}, seed {seed}", flush=True)
     start = time.perf_counter()
-    if kind == "diff":
+    if kind in ("diff", "magnitude"):
         output = os.path.join(args.out, f"quality_{key}" + (f"_seed{seed}" if len(args.seeds) > 1 else "")
                               + ".safetensors")
         cfg = pipeline.FinetuneConfig(model=args.model, data=args.data, text_column=args.text_column,
@@ -142,6 +152,7 @@ def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_e
                                       max_length=args.max_length, batch_size=args.batch_size,
                                       l0_epochs=l0_epochs, fixed_epochs=fixed_epochs, sparsity=sparsity,
                                       structured=args.structured, seed=seed, device=device,
+                                      selection="l0" if kind == "diff" else "magnitude",
                                       output=output, progress=args.progress, **diff_lrs)
         s = pipeline.finetune(cfg, log=print)
         if s["examples"] != task.sizes():
@@ -151,7 +162,7 @@ def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_e
                    params_total=total, test_accuracy=s["accuracy_test"], validation_accuracy=s["accuracy_validation"],
                    train_seconds=s["train_seconds"], epochs=f"{l0_epochs} L0 + {fixed_epochs} fixed-mask",
                    device=s["device"], nonzeros=s["nonzeros"], diff_file_bytes=s["diff_file_bytes"],
-                   dense_head_parameters=s["dense_head_parameters"])
+                   dense_head_parameters=s["dense_head_parameters"], **{f: s[f] for f in _L0_FIELDS})
     else:
         cfg = pipeline.BaselineConfig(method=kind, model=args.model, max_length=args.max_length, seed=seed,
                                       device=device, epochs=args.epochs,
@@ -161,7 +172,7 @@ def _train_one(args, task, key, kind, sparsity, seed, device, l0_epochs, fixed_e
         row = dict(key=key, method=label, params_stored=s["trained_parameters"], params_total=s["total_parameters"],
                    test_accuracy=s["accuracy_test"], validation_accuracy=s["accuracy_validation"],
                    train_seconds=s["train_seconds"], epochs=str(cfg.epochs), device=s["device"],
-                   nonzeros=None, diff_file_bytes=None)
+                   nonzeros=None, diff_file_bytes=None, **dict.fromkeys(_L0_FIELDS))
     row["percent_params"] = 100 * row["params_stored"] / row["params_total"]
     print(f"== {label}, seed {seed}: test accuracy {100 * row['test_accuracy']:.2f}%, {row['percent_params']:.3g}% "
           f"of the parameters, trained in {row['train_seconds']:.1f} s ({time.perf_counter() - start:.1f} s in all)",
@@ -175,8 +186,9 @@ def _mean_row(runs: list[dict]) -> dict:
     the seed)."""
     runs = sorted(runs, key=lambda r: r["seed"])
     row = {k: v for k, v in runs[0].items() if k != "seed"}
-    for field in ("test_accuracy", "validation_accuracy", "train_seconds"):
-        row[field] = statistics.fmean(r[field] for r in runs)
+    for field in ("test_accuracy", "validation_accuracy", "train_seconds", *_L0_FIELDS):
+        values = [r.get(field) for r in runs]
+        row[field] = statistics.fmean(values) if None not in values else None
     row["seeds"] = [r["seed"] for r in runs]
     row["test_accuracies"] = [r["test_accuracy"] for r in runs]
     row["validation_accuracies"] = [r["validation_accuracy"] for r in runs]
@@ -186,7 +198,8 @@ def _mean_row(runs: list[dict]) -> dict:
 
 # meta fields that must agree for reports to be merged (the same experiment, other seeds)
 _SAME_EXPERIMENT = ("model", "data", "label_names", "examples", "max_examples", "max_length", "batch_size", "epochs",
-                    "l0_epochs", "fixed_epochs", "structured", "lrs", "l0_lambda", "alpha_init", "device")
+                    "l0_epochs", "fixed_epochs", "structured", "lrs", "l0_target", "l0_lambda", "alpha_init",
+                    "device")
 
 
 def merge(reports: list[dict]) -> tuple[list[dict], dict]:
@@ -252,6 +265,22 @@ def _seeds_text(meta: dict, rows: list[dict]) -> str:
             + (f"; {'; '.join(fewer)}" if fewer else "") + ")")
 
 
+def _l0_rule(meta: dict) -> str:
+    if meta.get("l0_target") is not None:
+        return (f", the L0 stage closing the gates to E[L0] = {meta['l0_target']:g} k (prune.L0Target), "
+                f"alpha_init {meta['alpha_init']:g}")
+    if "l0_lambda" in meta:
+        return f", with lambda {meta['l0_lambda']:g} and alpha_init {meta['alpha_init']:g}"
+    return ""
+
+
+def _l0_cells(row: dict) -> str:
+    if row.get("open_gate_fraction") is None:
+        return "- | - | -"
+    return (f"{_pct(100 * row['open_gate_fraction'])} | {row['expected_l0_over_k']:.2f} | "
+            f"{_pct(100 * row['magnitude_overlap'])}")
+
+
 def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
     from dpkernels.cli import human_seconds
 
@@ -278,21 +307,20 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
         if any(k.startswith("diff") for k in used):
             parts.append(f"diff pruning {lr['diff_l0']:g} (w, L0 stage) / {lr['diff_fixed']:g} (kept entries, "
                          f"fixed-mask stage) / {lr['diff_head']:g} (head)"
-                         + (f", with lambda {meta['l0_lambda']:g} and alpha_init {meta['alpha_init']:g}"
-                            if "l0_lambda" in meta else ""))
+                         + _l0_rule(meta))
         if "last_layer" in used:
             parts.append(f"last layer {lr['last_layer']:g}")
         if "head" in used:
             parts.append(f"task head only {lr['head']:g}")
         lines += [f"Learning rates (AdamW, linear warmup 10% and decay): {'; '.join(parts)}.", ""]
     lines += [
-        "| method | params stored per task | % of params | test accuracy | validation accuracy | train time | "
-        "device |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| method | params stored per task | % of params | test accuracy | validation accuracy | open after L0 | "
+        "E[L0] / k | kept in top-k abs(w) | train time | device |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['params_stored']:,} | {_pct(r['percent_params'])} | "
-                     f"{_accuracies(r, 'test')} | {_accuracies(r, 'validation')} | "
+                     f"{_accuracies(r, 'test')} | {_accuracies(r, 'validation')} | {_l0_cells(r)} | "
                      f"{human_seconds(r['train_seconds'])} | {r['device']} |")
     lines.append("")
     note = ("*params stored per task*: what a task keeps beyond the shared base model -- every parameter for full "
@@ -300,7 +328,10 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
             "head for diff pruning")
     if meta.get("dense_head_parameters") is not None:
         note += f" ({meta['dense_head_parameters']:,} head parameters)"
-    lines += [note + ".", ""]
+    lines += [note + ". *open after L0*: share of the gates with z_eval > 0 at the end of the L0 stage; "
+              "*E[L0] / k*: the expected number of open gates then, over the projection's k; *kept in top-k "
+              "abs(w)*: share of the projection's k entries that are also among the k largest abs(w) (so 100% "
+              "means the gates changed nothing).", ""]
     v = verdict(rows)
     if v:
         lines += [v, ""]

@@ -89,6 +89,10 @@ _positive = _float_in(0.0, math.inf, high_open=True)
 _non_negative = _float_in(0.0, math.inf, low_open=False, high_open=True)
 
 
+def _positive_or_none(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else _positive(text)
+
+
 def _any_float(text: str) -> float:
     try:
         value = float(text)
@@ -291,16 +295,28 @@ _TRAIN_OPTIONS = {
     "sparsity": (["--sparsity"], dict(type=_sparsity, metavar="FRACTION|PCT%",
                                       help="fraction of the pretrained parameters kept in the diff, e.g. 0.005 "
                                            "or 0.5%% (default: %(default)s, the paper's)")),
+    "l0_target": (["--l0-target"], dict(type=_positive_or_none, metavar="MULTIPLE|none",
+                                        help="E[L0] at the end of the L0 stage, as a multiple of the projection's "
+                                             "k: a Lagrange multiplier on E[L0] closes the gates to it on any "
+                                             "dataset (default: %(default)s); 'none' is the paper's fixed penalty "
+                                             "--l0-lambda x E[L0]")),
     "l0_lambda": (["--l0-lambda"], dict(type=_non_negative, metavar="LAMBDA",
-                                        help="weight of E[L0] in the loss (default: %(default)s, picked on the default "
-                                             "task's validation split; the paper's is 1.25e-7)")),
+                                        help="with --l0-target none, the weight of E[L0] in the loss (default: "
+                                             "%(default)s; the paper's is 1.25e-7)")),
+    "selection": (["--selection"], dict(choices=("l0", "magnitude"),
+                                        help="l0: the paper's method; magnitude: the baseline it must beat, a dense "
+                                             "diff (gates held open) pruned to its k largest |w| (default: "
+                                             "%(default)s)")),
     "diff_lr": (["--diff-lr"], dict(type=_positive, metavar="LR", help="learning rate of the diff w in the L0 "
                                                                         "stage (default: %(default)s)")),
     "fixed_lr": (["--fixed-lr"], dict(type=_positive, metavar="LR", help="learning rate of the kept diff entries "
                                                                           "in the fixed-mask stage (default: "
                                                                           "%(default)s)")),
     "log_alpha_lr": (["--log-alpha-lr"], dict(type=_positive, metavar="LR", help="learning rate of log_alpha "
-                                                                                  "(default: %(default)s)")),
+                                                                                  "(default: a constant rate that "
+                                                                                  "lets a gate cross from "
+                                                                                  "--alpha-init to -4 in half the "
+                                                                                  "L0 stage)")),
     "head_lr": (["--head-lr"], dict(type=_positive, metavar="LR", help="learning rate of the dense task head "
                                                                         "(default: %(default)s)")),
     "max_grad_norm": (["--max-grad-norm"], dict(type=_positive, metavar="NORM",

@@ -25,7 +25,7 @@ import torch
 from . import data as data_mod
 from . import hf
 from .nn import gate_parameter_ids, iter_gated
-from .prune import diff_prune, l0_penalty, optimizer_groups, project
+from .prune import L0Target, diff_prune, l0_penalty, log_alpha_lr, optimizer_groups, project, top_k_indices
 from .sparse import SparseDiff
 from .trainer import gate_statistics
 
@@ -59,12 +59,18 @@ class FinetuneConfig(DataConfig):
     l0_epochs: int = 1
     fixed_epochs: int = 2
     sparsity: float = 0.005  # fraction of the gated parameters kept after projection
-    # Weight of E[L0] in the loss and the gates' initial log_alpha, picked on validation with the
-    # epochs above. The paper's 1.25e-7 and 5 are tuned for GLUE's thousands of steps: over the
-    # default's 75 L0 steps they close no gate, so the projection is magnitude pruning of w. 3e-7
-    # and 3 close 63% of the gates by the end of the stage (the projection then ranks entries the
-    # gates kept); 1e-6 closed 96% and lost accuracy in the stage, 1e-5 closed all but 0.18%.
+    # How the L0 stage closes gates (prune.L0Target explains the math): by the end of the stage
+    # E[L0] is about l0_target times the projection's k, on any dataset (a Lagrange multiplier on
+    # E[L0] / N, in Adam's units), with log_alpha at a constant rate that lets a gate cross from
+    # alpha_init to -4 in half the stage (log_alpha_lr None: prune.log_alpha_lr). l0_target None
+    # is the paper's fixed penalty l0_lambda * E[L0] in the loss, whose effect depends on the
+    # stage's step count: the 3e-7 picked on the default task closed 63% of its gates in 75 steps
+    # and none of a 55-step stage's on another dataset.
+    l0_target: float | None = 4.0
     l0_lambda: float = 3e-7
+    # selection "magnitude": the baseline the L0 stage must beat, magnitude pruning of a dense
+    # diff (gates held open, no penalty; the projection keeps the k largest |w|).
+    selection: str = "l0"
     # Learning rates of the diff, picked on the validation split of the default task (the sweep is
     # in benchmarks/RESULTS.md). diff_lr: w in the L0 stage, where every entry trains, so the stage
     # is dense finetuning of the whole model and wants a full-finetuning rate (2e-4 is also full
@@ -73,7 +79,7 @@ class FinetuneConfig(DataConfig):
     # so they need a rate 50x larger.
     diff_lr: float = 2e-4
     fixed_lr: float = 1e-2
-    log_alpha_lr: float = 0.1
+    log_alpha_lr: float | None = None  # None: prune.log_alpha_lr(alpha_init, the stage's steps)
     head_lr: float = 1e-3
     max_grad_norm: float = 1.0  # per group (w, log_alpha, head) separately
     warmup_ratio: float = 0.1
@@ -137,13 +143,43 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _stage(model, loader, groups, cfg: FinetuneConfig, device, epochs: int, extra_loss, desc: str) -> dict:
+def _stage(model, loader, groups, cfg: FinetuneConfig, device, epochs: int, extra_loss, desc: str,
+           constraint: L0Target | None = None) -> dict:
+    """One stage: AdamW, warmup then linear decay (log_alpha: warmup then constant, since the L0
+    target schedules the gates), per-group clipping; ``constraint.after_step`` after each step."""
     optimizer = torch.optim.AdamW(groups)
     steps = epochs * len(loader)
-    scheduler = hf.linear_schedule(optimizer, steps, warmup_steps=int(cfg.warmup_ratio * steps))
+    warmup = int(cfg.warmup_ratio * steps)
+    decay = hf.linear_schedule(optimizer, steps, warmup_steps=warmup).lr_lambdas[0]
+
+    def constant(step: int) -> float:
+        return min(1.0, (step + 1) / (warmup + 1))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [constant if g.get("name") == "log_alpha" else decay for g in optimizer.param_groups])
+    on_step = None if constraint is None else (lambda step, logs: constraint.after_step(optimizer))
     return hf.train_epochs(model, loader, optimizer, epochs=epochs, device=device, extra_loss=extra_loss,
                            grad_clip=hf.clip_param_groups(cfg.max_grad_norm), scheduler=scheduler,
-                           progress=cfg.progress, desc=desc)
+                           on_step=on_step, progress=cfg.progress, desc=desc)
+
+
+# log_alpha when selection="magnitude": z = min(1, 3 s - 1.5) is 1 unless logit(u) < -18.4 (u < 1e-8),
+# so the L0 stage trains a dense diff and the projection ranks |w| alone.
+_OPEN_LOG_ALPHA = 20.0
+SELECTIONS = ("l0", "magnitude")
+
+
+def _magnitude_top_k(model, k: int) -> list[torch.Tensor]:
+    """The k largest |w| over the gated tensors (in iter_gated order), gates ignored."""
+    gated = [gt for _, _, gt in iter_gated(model)]
+    fns = [lambda gt=gt: gt.diff.detach().abs().float().reshape(-1).view(torch.int32) for gt in gated]
+    return top_k_indices(fns, [gt.theta0.numel() for gt in gated], k)
+
+
+def _overlap(model, reference: list[torch.Tensor]) -> int:
+    """How many of the projected mask's entries are in ``reference`` (per tensor, iter_gated order)."""
+    return sum(int(torch.isin(gt.index, ref.to(gt.index.device)).sum())
+               for (_, _, gt), ref in zip(iter_gated(model), reference, strict=True))
 
 
 def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
@@ -151,6 +187,11 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
     cfg = cfg or FinetuneConfig()
     if not 0 < cfg.sparsity <= 1:
         raise ValueError(f"sparsity must be in (0, 1], got {cfg.sparsity}")
+    if cfg.selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {cfg.selection!r}")
+    if cfg.l0_target is not None and not cfg.l0_target > 0:
+        raise ValueError(f"l0_target must be positive (a multiple of the projection's k) or None, "
+                         f"got {cfg.l0_target!r}")
     if cfg.l0_epochs < 1:  # with no L0 stage every |w| is 0 and the projection's mask would be arbitrary
         raise ValueError(f"l0_epochs must be at least 1 (the projection ranks what the L0 stage trained), "
                          f"got {cfg.l0_epochs}")
@@ -165,20 +206,37 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
         raise ValueError(f"max_length {cfg.max_length} is longer than the model's {positions} positions "
                          f"(max_position_embeddings)")
     head = [f"^{re.escape(name)}$" for name in hf.new_parameter_names(model)]
-    diff_prune(model, dense=head, structured=cfg.structured, alpha_init=cfg.alpha_init)
+    magnitude = cfg.selection == "magnitude"
+    diff_prune(model, dense=head, structured=cfg.structured,
+               alpha_init=_OPEN_LOG_ALPHA if magnitude else cfg.alpha_init)
     gated_total = sum(gt.theta0.numel() for _, _, gt in iter_gated(model))
+    k = round(cfg.sparsity * gated_total)
     loader = data_mod.make_loader(task.train, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                   shuffle=True, seed=cfg.seed)
+    l0_steps = cfg.l0_epochs * len(loader)
     start = time.perf_counter()
 
-    lrs = dict(diff_lr=cfg.diff_lr, log_alpha_lr=cfg.log_alpha_lr, dense_lr=cfg.head_lr)
-    l0 = _stage(model, loader, optimizer_groups(model, **lrs), cfg, device, cfg.l0_epochs,
-                lambda: cfg.l0_lambda * l0_penalty(model), "L0 training")
+    la_lr = cfg.log_alpha_lr if cfg.log_alpha_lr is not None else log_alpha_lr(cfg.alpha_init, l0_steps)
+    lrs = dict(diff_lr=cfg.diff_lr, log_alpha_lr=la_lr, dense_lr=cfg.head_lr)
+    groups = optimizer_groups(model, **lrs)
+    constraint = None
+    if magnitude:
+        groups, penalty, rule = [g for g in groups if g["name"] != "log_alpha"], None, "cross-entropy, gates open"
+    elif cfg.l0_target is not None:
+        constraint = L0Target(model, target_fraction=min(0.5, cfg.l0_target * k / gated_total), steps=l0_steps)
+        penalty, rule = None, f"cross-entropy; gates pushed to E[L0] = {cfg.l0_target:g} k"
+    else:
+        penalty, rule = (lambda: cfg.l0_lambda * l0_penalty(model)), f"cross-entropy + {cfg.l0_lambda:g} x E[L0]"
+    l0 = _stage(model, loader, groups, cfg, device, cfg.l0_epochs, penalty, "L0 training", constraint)
     after_l0 = gate_statistics(model)
+    by_magnitude = _magnitude_top_k(model, k)
     kept = project(model, cfg.sparsity)
-    log(f"L0 stage: loss {l0['loss']:.4f} (cross-entropy + {cfg.l0_lambda:g} x E[L0]), "
-        f"E[L0] {after_l0['expected_l0']:.0f}, open gates "
-        f"{100 * after_l0['nonzero_fraction']:.2f}%; projected to {kept} entries ({100 * kept / gated_total:.3f}%)")
+    overlap = _overlap(model, by_magnitude) / max(kept, 1)
+    mu = f", final mu {constraint.multiplier:.3g}" if constraint is not None else ""
+    log(f"L0 stage: loss {l0['loss']:.4f} ({rule}{mu}), E[L0] {after_l0['expected_l0']:.0f} "
+        f"({after_l0['expected_l0'] / max(k, 1):.2f} k), open gates {100 * after_l0['nonzero_fraction']:.2f}%; "
+        f"projected to {kept} entries ({100 * kept / gated_total:.3f}%), {100 * overlap:.1f}% of them among "
+        f"the {k} largest |w|")
     lrs["diff_lr"] = cfg.fixed_lr
     fixed = _stage(model, loader, optimizer_groups(model, **lrs), cfg, device, cfg.fixed_epochs, None,
                    "fixed-mask finetuning")
@@ -205,6 +263,12 @@ def finetune(cfg: FinetuneConfig | None = None, *, log=print) -> dict:
         "full_checkpoint_bytes": 4 * total_params,  # the task model as a dense fp32 checkpoint
         "train_seconds": seconds,
         "l0_loss": l0["loss"],
+        "expected_l0": after_l0["expected_l0"],
+        "open_gate_fraction": after_l0["nonzero_fraction"],
+        "expected_l0_over_k": after_l0["expected_l0"] / max(k, 1),
+        "magnitude_overlap": overlap,
+        "log_alpha_lr": None if magnitude else la_lr,
+        "l0_multiplier": constraint.multiplier if constraint is not None else None,
         "fixed_loss": fixed["loss"],
         "examples": task.sizes(),
         "data_report": asdict(task.report),

@@ -9,11 +9,13 @@ Parameters matching ``dense`` (the new task head) stay dense and trainable.
 Projection (Guo et al. 2021, section 3.3): after L0 training keep the k = round(sparsity * N)
 entries with the largest |z_eval * w| over all gated tensors of the model (scope="global", the
 paper's rule) or k_t = round(sparsity * N_t) per tensor (scope="tensor"); the rest become exactly
-zero and every layer enters the fixed-mask stage (DiffLinear.to_fixed_mask).
+zero and every layer enters the fixed-mask stage (DiffLinear.to_fixed_mask). Where fewer than k
+entries are nonzero, the rest of the k are the closed entries of largest P(open) |w|.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from collections.abc import Iterable
@@ -42,6 +44,34 @@ def _magnitude_bits(gt) -> torch.Tensor:
     if not bool(torch.isfinite(mag).all()):
         raise ValueError("the diff holds NaN or infinite values; cannot project")
     return mag.view(torch.int32)
+
+
+def _expected_magnitude_bits(gt) -> torch.Tensor:
+    """P(z != 0) * |w| (times the group gate's P) of one gated tensor's entries whose z_eval * w is
+    0, as int32 bit patterns; 0 at the entries z_eval * w keeps."""
+    from .reference import l0_shift
+
+    with torch.no_grad():
+        shift = l0_shift(gt.l, gt.r, gt.beta)
+        expected = torch.sigmoid(gt.log_alpha.float() - shift) * gt.diff.float().abs()
+        if gt.group_log_alpha is not None:
+            expected = expected * torch.sigmoid(gt.group_log_alpha.float() - shift)
+        expected = expected.reshape(-1).masked_fill(_magnitude_bits(gt) > 0, 0.0)
+    return expected.view(torch.int32)
+
+
+def _select(gated, k: int) -> list[torch.Tensor]:
+    """The projection's k entries over ``gated``: the largest |z_eval * w|; when fewer than k are
+    nonzero (the gates closed more than N - k), all of those plus the closed entries of largest
+    expected |z w| = P(open) |w|, rather than zeros picked in index order."""
+    fns = [lambda gt=gt: _magnitude_bits(gt) for gt in gated]
+    sizes = [gt.theta0.numel() for gt in gated]
+    nonzero = sum(int((fn() > 0).sum()) for fn in fns)
+    if nonzero >= k:
+        return top_k_indices(fns, sizes, k)
+    rest = top_k_indices([lambda gt=gt: _expected_magnitude_bits(gt) for gt in gated], sizes, k - nonzero)
+    return [torch.cat([(fn() > 0).nonzero().reshape(-1), extra]).sort().values
+            for fn, extra in zip(fns, rest, strict=True)]
 
 
 def top_k_indices(bit_fns, sizes: list[int], k: int) -> list[torch.Tensor]:
@@ -97,12 +127,11 @@ def project(model: nn.Module, sparsity: float, *, scope: str = "global") -> int:
     for name, _, gt in gated:
         if gt.fixed_mask:
             raise ValueError(f"{name} is already projected (fixed-mask stage)")
-    fns = [lambda gt=gt: _magnitude_bits(gt) for _, _, gt in gated]
-    sizes = [gt.theta0.numel() for _, _, gt in gated]
+    tensors = [gt for _, _, gt in gated]
     if scope == "global":
-        kept = top_k_indices(fns, sizes, round(sparsity * sum(sizes)))
+        kept = _select(tensors, round(sparsity * sum(gt.theta0.numel() for gt in tensors)))
     else:
-        kept = [top_k_indices([fn], [n], round(sparsity * n))[0] for fn, n in zip(fns, sizes, strict=True)]
+        kept = [_select([gt], round(sparsity * gt.theta0.numel()))[0] for gt in tensors]
     per_module: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     for (_, module, gt), index in zip(gated, kept, strict=True):
         per_module.setdefault(id(module), (module, {}))[1][gt.name] = index
@@ -250,3 +279,116 @@ def clip_grad_norms(groups: Iterable[dict], max_norm: float) -> dict[str, float]
     log_alpha apart, so the large log_alpha gradients do not swamp the diff's); returns the norms."""
     return {g.get("name", str(i)): float(torch.nn.utils.clip_grad_norm_(g["params"], max_norm))
             for i, g in enumerate(groups)}
+
+
+
+
+class L0Target:
+    """The L0 stage's penalty as a constraint: E[L0] / N driven to a target share, on any task.
+
+    Why a fixed ``lambda * E[L0]`` in the loss does not carry from one dataset to another: the
+    gates train with Adam, whose step on a log_alpha is ``lr * m / (sqrt(v) + eps)``: about +-lr
+    whenever one sign dominates that gate's gradient, whatever the gradient's size. So (i) how far
+    a gate can move in the stage is the sum of its learning rates, proportional to the stage's
+    step count: at lr 0.1 with 10% warmup and linear decay, 75 steps (the embedded default's 2,400
+    examples) move a gate at most ~3.75, just past alpha_init 3 (z_eval = 0 needs log_alpha <
+    beta log(-l/r) = 0), and 55 steps (1,760 examples) at most 2.75: no gate can close, whatever
+    lambda is; (ii) lambda acts only through its ratio to the task's gradient on each log_alpha
+    and to Adam's eps (at 3e-7 on MiniLM the penalty's gradient per gate, lambda p (1 - p), is
+    ~1e-8, eps's size), and both ratios move with the data, the model and the batch.
+
+    The rule here works in Adam's own units, as AdamW decouples weight decay from the gradient:
+    after each optimizer step every log_alpha is pushed down by ``lr * mu`` (lr: the log_alpha
+    group's current rate), so a gate whose task gradient has no consistent sign (Adam's
+    normalised step ~0) drifts shut at mu * lr a step, and one the task needs (a normalised step
+    near +1) stays open while mu < 1: mu is a share of Adam's full step, one scale on every task
+    and model. mu plays the Lagrange multiplier of the constraint S = E[L0] / N <= t(s) (as the
+    multipliers of later L0 work do, e.g. Wang et al. 2020, Xia et al. 2022), set each step by a
+    controller in logit space, where the constraint is linear in the push: the gates the task
+    does not hold are one "sea" that moves together, and S ~ sigmoid(its log_alpha).
+
+    * The target ``t(s)`` falls from the initial S_0 to ``target_fraction`` linearly in logit
+      space over the first ``ramp`` of the stage's steps, then holds.
+    * The push each step is the target's own logit step (feed-forward: what moves the sea with
+      it) plus ``gain`` times the error ``logit(S) - logit(t)`` (feedback: the error shrinks by
+      that share a step), as ``mu = push / lr`` clipped to [0, 2]. Gates the task holds open make S
+      larger than the sea's share, so the sea is pushed deeper until E[L0] meets the target.
+
+    With ``log_alpha_lr`` (a gate can travel from alpha_init to -4 in half of the stage, so the
+    ramp needs mu ~ 0.66) the stage ends near its target whatever its length. The paper's lambda
+    has no counterpart here: its 1.25e-7 on BERT-large's 335M entries weighs a dense diff at 42
+    nats of loss, and what that closes depends on the task's gradients and the step count (our
+    former default, 3e-7 on MiniLM, closed 63% of the gates in 75 steps and none in 55); the
+    target is what this rule fixes instead (the pipeline's default: E[L0] = 4 k, the
+    projection's k).
+
+    Use: ``constraint.after_step(optimizer)`` after every ``optimizer.step()`` of the L0 stage
+    (the optimizer holds the log_alpha params in a group named "log_alpha", as
+    :func:`optimizer_groups` makes it); ``history`` records S, t and mu at each step.
+    """
+
+    def __init__(self, model: nn.Module, *, target_fraction: float, steps: int, ramp: float = 0.75,
+                 gain: float = 0.2):
+        if not 0 < target_fraction < 1:
+            raise ValueError(f"target_fraction must be in (0, 1), got {target_fraction!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {steps!r}")
+        if not 0 < ramp <= 1:
+            raise ValueError(f"ramp must be in (0, 1], got {ramp!r}")
+        if not 0 < gain <= 1:
+            raise ValueError(f"gain must be in (0, 1], got {gain!r}")
+        self.model = model
+        self.total = sum(gt.theta0.numel() for _, _, gt in require_gated(model))
+        self.target_fraction, self.steps, self.ramp, self.gain = float(target_fraction), steps, ramp, gain
+        self.multiplier = 0.0
+        self.step = 0
+        self.start_fraction = self.fraction()
+        self.history: list[dict[str, float]] = []
+
+    def fraction(self) -> float:
+        """S = E[L0] / N now."""
+        with torch.no_grad():
+            return float(l0_penalty(self.model)) / self.total
+
+    def target(self, step: int) -> float:
+        """t(step): the share of open gates the constraint allows after that many steps."""
+        start = _clamp_share(self.start_fraction)
+        done = min(1.0, step / (self.ramp * self.steps))
+        return _sigmoid(_logit(start) + (_logit(self.target_fraction) - _logit(start)) * done)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Set mu from the share of open gates after this step, then push every log_alpha down."""
+        groups = [g for g in optimizer.param_groups if g.get("name") == "log_alpha"]
+        if not groups:
+            raise ValueError("the optimizer has no param group named 'log_alpha' (build it with optimizer_groups)")
+        self.step += 1
+        observed, target = self.fraction(), self.target(self.step)
+        feed_forward = _logit(target) - _logit(self.target(self.step + 1))
+        push = feed_forward + self.gain * (_logit(_clamp_share(observed)) - _logit(target))
+        lr = groups[0]["lr"]
+        self.multiplier = min(2.0, max(0.0, push / lr)) if lr > 0 else 0.0
+        self.history.append({"step": self.step, "fraction": observed, "target": target,
+                             "multiplier": self.multiplier})
+        if self.multiplier > 0:
+            with torch.no_grad():
+                for group in groups:
+                    torch._foreach_add_(list(group["params"]), -group["lr"] * self.multiplier)
+
+
+def _clamp_share(p: float) -> float:
+    return min(max(p, 1e-9), 1 - 1e-9)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def log_alpha_lr(alpha_init: float, steps: int) -> float:
+    """log_alpha's constant learning rate for an L0 stage of ``steps`` optimizer steps: Adam moves
+    a gate by about lr a step, so this lets one go from alpha_init to -4 in half of the stage
+    (:class:`L0Target` explains why the rate must scale with the stage)."""
+    return 2.0 * (max(alpha_init, 0.0) + 4.0) / max(1, int(steps))

@@ -70,6 +70,26 @@ def test_global_projection_keeps_the_largest_entries(sparsity):
     assert model[3].weight.requires_grad
 
 
+def test_projection_fills_up_with_the_largest_expected_magnitudes_when_too_few_gates_are_open():
+    # When the L0 stage closed more than N - k gates, the projection keeps every open entry and then
+    # the closed ones of largest P(open) |w| (not zeros in index order).
+    model = _model(seed=3)
+    gated = [gt for layer in (model[0], model[2]) for gt in layer.gated_tensors()]
+    with torch.no_grad():
+        for gt in gated:
+            gt.log_alpha.uniform_(-6, -1)  # closed: z_eval = 0
+        gated[1].log_alpha[:3] = 2.0  # three open entries, in the first layer's bias
+    mags = _eval_magnitudes(model)
+    expected_mag = [torch.sigmoid(gt.log_alpha.detach()).reshape(-1) * gt.diff.detach().abs().reshape(-1)
+                    for gt in gated]
+    k = dpkernels.project(model, 0.01)
+    open_entries = [m.nonzero().reshape(-1).tolist() for m in mags]
+    assert sum(map(len, open_entries)) == 3 < k
+    fill = _brute_force_top_k([torch.where(m > 0, 0.0, e) for m, e in zip(mags, expected_mag, strict=True)], k - 3)
+    gated = [gt for layer in (model[0], model[2]) for gt in layer.gated_tensors()]
+    assert [gt.index.tolist() for gt in gated] == [sorted(o + f) for o, f in zip(open_entries, fill, strict=True)]
+
+
 def test_per_tensor_projection():
     model = _model(seed=1)
     mags = _eval_magnitudes(model)
