@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .backends import BackendUnavailable
 from .nn import DiffLinear, GatedParameter
 from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
-from .prune import clip_grad_norms, diff_prune, l0_penalty, optimizer_groups, project
+from .prune import L0Target, clip_grad_norms, diff_prune, l0_penalty, log_alpha_lr, optimizer_groups, project
 from .sparse import SparseDiff, TaskSwitcher, merge_and_unload
 
 try:
@@ -21,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "BackendUnavailable",
+    "L0Target",
     "DiffLinear",
     "GatedParameter",
     "SparseDiff",
@@ -34,6 +35,7 @@ __all__ = [
     "gate_apply",
     "info",
     "l0_penalty",
+    "log_alpha_lr",
     "merge_and_unload",
     "optimizer_groups",
     "project",

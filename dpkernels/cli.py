@@ -428,6 +428,15 @@ def _accuracy_rows(summary: dict) -> list[tuple[str, str]]:
             ("validation accuracy", f"{100 * summary['accuracy_validation']:.2f}%")]
 
 
+def _l0_stage_text(summary: dict, cfg: dict) -> str:
+    kept = f"{100 * summary['magnitude_overlap']:.1f}% of the kept entries are among the k largest |w|"
+    if cfg.get("selection") == "magnitude":
+        return f"gates held open (--selection magnitude): {kept}"
+    target = f" (--l0-target {cfg['l0_target']:g})" if cfg.get("l0_target") is not None else ""
+    return (f"E[L0] {summary['expected_l0_over_k']:.2f} k{target}, gates open "
+            f"{_percent(100 * summary['open_gate_fraction'])}; {kept}")
+
+
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """The rows of ``dpkernels finetune``'s summary table (label, value)."""
     cfg = summary.get("config", {})
@@ -441,6 +450,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         ("% of parameters", f"{_percent(summary['percent_of_parameters'])} of {total:,} "
                             f"(target sparsity {_percent(100 * cfg.get('sparsity', float('nan')))})"),
         ("dense task head", f"{summary['dense_head_parameters']:,} parameters, stored whole"),
+        ("after the L0 stage", _l0_stage_text(summary, cfg)),
         ("diff file", f"{summary['diff_file']} ({human_bytes(summary['diff_file_bytes'])})"),
         ("full checkpoint", f"{human_bytes(summary['full_checkpoint_bytes'])} (fp32, dense); the diff is "
                             f"{size_ratio(summary['diff_file_bytes'], summary['full_checkpoint_bytes'])}"),

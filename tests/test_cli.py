@@ -168,6 +168,28 @@ def _toy_split_files(toy_csv, folder):
     return train, test
 
 
+@pytest.mark.parametrize("options, selection", [([], "l0"), (["--l0-target", "none"], "l0"),
+                                                (["--selection", "magnitude"], "magnitude")])
+def test_finetune_reports_the_l0_stage(options, selection, tiny_model, toy_csv, tmp_path, capsys):
+    summary_path = tmp_path / "summary.json"
+    code, out, err = run_cli(["finetune", "--model", tiny_model, "--data", toy_csv, "--max-examples", "all",
+                              "--max-length", "16", "--batch-size", "8", "--sparsity", "2%", "--l0-epochs", "4",
+                              "--fixed-epochs", "1", "--no-progress", "--device", "cpu", "--output",
+                              tmp_path / "task.safetensors", "--json", summary_path, *options], capsys)
+    assert code == 0, err
+    summary = json.loads(summary_path.read_text())
+    assert summary["config"]["selection"] == selection
+    assert "  after the L0 stage   " in out
+    if selection == "magnitude":  # a dense diff: every gate open, the projection is the top k of |w|
+        assert summary["open_gate_fraction"] == 1 and summary["magnitude_overlap"] == 1
+        assert summary["log_alpha_lr"] is None and "gates held open" in out
+    elif options:  # the paper's fixed penalty, at log_alpha's rate for the stage
+        assert summary["l0_multiplier"] is None and summary["log_alpha_lr"] == pytest.approx(2 * 7 / 40)
+    else:  # the target: E[L0] = 4 k by the end of the 40-step stage
+        assert 2 <= summary["expected_l0_over_k"] <= 6, summary["expected_l0_over_k"]
+        assert summary["open_gate_fraction"] < 0.5 and f"E[L0] {summary['expected_l0_over_k']:.2f} k" in out
+
+
 def test_finetune_on_own_split_files_then_eval_them(tiny_model, toy_csv, tmp_path, capsys):
     train, test = _toy_split_files(toy_csv, tmp_path)
     diff, summary_path = tmp_path / "task.safetensors", tmp_path / "summary.json"
