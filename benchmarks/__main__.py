@@ -54,7 +54,7 @@ QUICK = {
     "diff_linear": ["--tokens", "4", "--shapes", "16x24"],
     "switch": ["--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "50"],
     "model_step": ["--models", "toy", "--reps", "2"],
-    "inference": ["--models", "toy", "--reps", "2"],
+    "inference": ["--models", "toy", "--reps", "2", "--serve-model", "toy", "--tasks", "1,2"],
 }
 # Provider whose time the others are divided by in bench_NAME_speedup.png (the dense baseline).
 SPEEDUP_BASELINES = ("nn.Linear", "full")

@@ -86,6 +86,9 @@ PRESETS = {
     "minilm": dict(pretrained=True, config=dict(max_position_embeddings=512), batch=32, seq=64),
     "tiny": dict(config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                              vocab_size=1000), batch=4, seq=32),
+    # bench_inference's mixed-task serving rows on a CPU: a batch that 16 tasks can share.
+    "small": dict(config=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=2, intermediate_size=512,
+                              vocab_size=1000), batch=16, seq=32),
     "toy": dict(config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                             vocab_size=50, max_position_embeddings=64), batch=2, seq=8),
 }

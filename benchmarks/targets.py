@@ -29,6 +29,8 @@ PATHS = ["triton-unfused", "triton-fused", "triton-fused-forward", "triton-fused
 # Gate kernels (bench_gates): "at copy bandwidth", read as at least this fraction of a copy_ moving the same bytes.
 GATES_SHAPE, COPY_FRACTION = "4096x11008", 0.9
 SWITCH_MS, SWITCH_MODEL = 0.2, "bert L24 H1024"  # a whole BERT-large task switch (bench_switch)
+# Mixed-task serving (bench_inference): a batch of 16 tasks through MultiTask / one task's merged forward.
+SERVE_TARGET, SERVE_SHAPE = 1.10, "bert-base b64 s128"
 # Whole model (bench_model_step; its targets file holds the memory verdicts).
 MODEL_STEP_TARGET = 1.15
 MODEL_MEMORY_BYTES = 20.0  # extra peak bytes per gated parameter (bench_model_step.MEMORY_TARGET_BYTES)
@@ -170,6 +172,13 @@ def switch_verdicts(rows) -> list[Verdict]:
     return out or [Verdict(f"task switch, {SWITCH_MODEL}, <= {SWITCH_MS} ms", "", None)]
 
 
+def serve_verdicts(rows) -> list[Verdict]:
+    num = _ms(rows, "serve_mixed", "multitask", "eval", f"{SERVE_SHAPE} T16", "bfloat16")
+    den = _ms(rows, "serve_mixed", "merged", "eval", f"{SERVE_SHAPE} T1", "bfloat16")
+    return [_ratio_verdict(f"mixed batch of 16 tasks (MultiTask) / merged forward, {SERVE_SHAPE}, <= {SERVE_TARGET}",
+                           num, den, SERVE_TARGET, "vs merged")]
+
+
 def model_step_verdicts(rows, model_targets) -> list[Verdict]:
     out = []
     shapes = sorted({key[3] for key in rows if key[0] == "model_step"})
@@ -219,7 +228,7 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
 def report(dirs: list[str]) -> tuple[str, list[Verdict]]:
     rows, model_targets = load_rows(dirs)
     verdicts = (gate_verdicts(rows) + layer_verdicts(rows) + layer_memory_verdicts(rows) + switch_verdicts(rows)
-                + model_step_verdicts(rows, model_targets))
+                + serve_verdicts(rows) + model_step_verdicts(rows, model_targets))
     devices = sorted({r["device"] for r in rows.values()})
     commits = sorted({str(r.get("commit")) for r in rows.values()})
     dates = sorted({str(r.get("date")) for r in rows.values()})

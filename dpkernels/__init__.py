@@ -1,7 +1,8 @@
 """dpkernels: fast diff pruning (Guo, Rush & Kim, ACL 2021) for PyTorch.
 
 Public API (DESIGN.md section 5): sample_gates, eval_gates, expected_l0, diff_linear, DiffLinear,
-info. Backends (torch reference, Triton, CUDA) are chosen per call by DPKERNELS_BACKEND.
+info; SparseDiff, TaskSwitcher and MultiTask (mixed-task batches) serve task diffs. Backends (torch
+reference, Triton, CUDA) are chosen per call by DPKERNELS_BACKEND.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .backends import BackendUnavailable
+from .multitask import MultiTask
 from .nn import DiffLinear, GatedParameter
 from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
 from .prune import L0Target, clip_grad_norms, diff_prune, l0_penalty, log_alpha_lr, optimizer_groups, project
@@ -24,6 +26,7 @@ __all__ = [
     "L0Target",
     "DiffLinear",
     "GatedParameter",
+    "MultiTask",
     "SparseDiff",
     "TaskSwitcher",
     "clip_grad_norms",

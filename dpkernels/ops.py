@@ -777,3 +777,114 @@ def fixed_mask_linear(x, weight, bias, index, values, bias_index=None, bias_valu
     else:
         y = FixedMaskLinearFunction.apply(*args)
     return y if x.dim() == 2 else y.reshape(*lead, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed-task serving: each row corrected by its own task's sparse diff (dpkernels.multitask)
+# --------------------------------------------------------------------------------------------
+
+_SEGMENTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_segments(row_task, rowptr, col, val, rows: int, device: torch.device) -> None:
+    """The concatenated per-task CSR (reference.segmented_spmm's layout) and one task per row:
+    dtypes, shapes and devices (the entry ranges themselves are trusted: MultiTask builds them)."""
+    for name, t, dtype, dim in (("row_task", row_task, torch.int64, 1), ("rowptr", rowptr, torch.int64, 2),
+                                ("col", col, torch.int32, 1), ("val", val, torch.float32, 1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype or t.dim() != dim:
+            raise TypeError(f"{name} must be a {dim}-D {str(dtype).removeprefix('torch.')} tensor, got {t.dtype} with "
+                            f"shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the activations on {device}")
+    if row_task.shape[0] != rows:
+        raise ValueError(f"row_task has {row_task.shape[0]} entries for {rows} rows")
+    if col.shape != val.shape:
+        raise ValueError(f"col has shape {tuple(col.shape)}, val {tuple(val.shape)}")
+    if not rowptr.is_contiguous() or rowptr.shape[1] < 1:
+        raise ValueError(f"rowptr must be a contiguous (tasks, rows + 1) tensor, got shape {tuple(rowptr.shape)}")
+
+
+def _segmented_spmm_impl(x, y, row_task, rowptr, col, val, bias):
+    backend = select("segmented_spmm", y.device, y.dtype, dtypes=_SEGMENTED_DTYPES, primitive="segmented_spmm")
+    with torch.autocast(y.device.type, enabled=False):  # the backends keep their own precision (fp32 sums)
+        return backend.segmented_spmm(x, y, row_task, rowptr, col, val, bias)
+
+
+@torch.library.custom_op("dpkernels::segmented_spmm", mutates_args=())
+def _segmented_spmm_op(x: torch.Tensor, y: torch.Tensor, row_task: torch.Tensor, rowptr: torch.Tensor,
+                       col: torch.Tensor, val: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _segmented_spmm_impl(x, y, row_task, rowptr, col, val, bias)
+
+
+@_segmented_spmm_op.register_fake
+def _(x, y, row_task, rowptr, col, val, bias):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def segmented_spmm(x, y, row_task, rowptr, col, val, bias=None) -> torch.Tensor:
+    """y + x D_t^T (+ bias[t]) per row, t = row_task[m]: a Linear's output corrected row by row by its
+    own task's sparse weight diff D_t (and bias delta), in one pass over every row and task.
+
+    x (M, K) in the compute dtype, y (M, N) the base output x theta0^T + b0; rowptr (T, N + 1),
+    col, val: the T tasks' diffs as one concatenated CSR over the N output features
+    (:func:`dpkernels.reference.segmented_spmm`); bias (T, N) or None. Accumulated in fp32 (fp64 for
+    fp64 operands) and rounded once to y's dtype. Inference only (no autograd). Cost: the base GEMM
+    that made y plus the nonzeros of each row's task per row. Under torch.compile the call is the
+    custom op ``dpkernels::segmented_spmm``.
+    """
+    for name, t in (("x", x), ("y", y)):
+        _check_tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if x.shape[0] != y.shape[0] or x.device != y.device:
+        raise ValueError(f"x {tuple(x.shape)} on {x.device} and y {tuple(y.shape)} on {y.device} must share rows and "
+                         "device")
+    _check_segments(row_task, rowptr, col, val, y.shape[0], y.device)
+    if rowptr.shape[1] != y.shape[1] + 1:
+        raise ValueError(f"rowptr has {rowptr.shape[1] - 1} rows per task, y {y.shape[1]} output features")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.shape != (rowptr.shape[0], y.shape[1]) or bias.device != y.device or bias.stride(1) != 1:
+            raise ValueError(f"bias must be a row-contiguous ({rowptr.shape[0]}, {y.shape[1]}) tensor on {y.device}, "
+                             f"got {tuple(bias.shape)} on {bias.device}")
+    if torch.compiler.is_compiling():
+        return torch.ops.dpkernels.segmented_spmm(x, y, row_task, rowptr, col, val, bias)
+    return _segmented_spmm_impl(x, y, row_task, rowptr, col, val, bias)
+
+
+def _segmented_gather_impl(ids, y, row_task, rowptr, col, val):
+    backend = select("segmented_gather", y.device, y.dtype, dtypes=_SEGMENTED_DTYPES, primitive="segmented_gather")
+    with torch.autocast(y.device.type, enabled=False):
+        return backend.segmented_gather(ids, y, row_task, rowptr, col, val)
+
+
+@torch.library.custom_op("dpkernels::segmented_gather", mutates_args=())
+def _segmented_gather_op(ids: torch.Tensor, y: torch.Tensor, row_task: torch.Tensor, rowptr: torch.Tensor,
+                         col: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    return _segmented_gather_impl(ids, y, row_task, rowptr, col, val)
+
+
+@_segmented_gather_op.register_fake
+def _(ids, y, row_task, rowptr, col, val):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def segmented_gather(ids, y, row_task, rowptr, col, val) -> torch.Tensor:
+    """y + D_t[ids[m]] per row, t = row_task[m]: an embedding lookup y = theta0[ids] corrected row by
+    row by its own task's sparse table diff D_t (rowptr (T, R + 1), col, val: the tasks' diffs as
+    one CSR over the R table rows; :func:`dpkernels.reference.segmented_gather`). Each entry is
+    formed once in fp32 (fp64 for fp64) and rounded to y's dtype: the lookup of the merged table.
+    ids must lie in [0, R) (the base lookup that made y checked them). Inference only. Under
+    torch.compile the call is the custom op ``dpkernels::segmented_gather``.
+    """
+    _check_tensor("y", y)
+    _check_tensor("ids", ids, floating=False)
+    if y.dim() != 2 or ids.dtype != torch.int64 or ids.shape != y.shape[:1] or ids.device != y.device:
+        raise ValueError(f"ids must be the int64 (M,) rows of y (M, H) on its device, got ids {ids.dtype} "
+                         f"{tuple(ids.shape)} on {ids.device}, y {tuple(y.shape)} on {y.device}")
+    _check_segments(row_task, rowptr, col, val, y.shape[0], y.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.dpkernels.segmented_gather(ids, y, row_task, rowptr, col, val)
+    return _segmented_gather_impl(ids, y, row_task, rowptr, col, val)

@@ -58,6 +58,8 @@ __all__ = [
     "effective_weight",
     "diff_linear",
     "diff_linear_backward",
+    "segmented_spmm",
+    "segmented_gather",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -438,3 +440,71 @@ def scatter_restore(targets, table, ids, index, starts, saved):
             lo, hi = starts[t], starts[t + 1]
             if lo != hi:
                 targets[t].view(-1)[index[lo:hi].long()] = saved[lo:hi]
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed-task serving: every row of a batch corrected by its own task's sparse diff
+# --------------------------------------------------------------------------------------------
+#
+# The layout (dpkernels.multitask builds it): T tasks' diffs of one (R, C) tensor, concatenated.
+# Entries of task t in row r are rowptr[t, r]:rowptr[t, r + 1] (int64 (T, R + 1), absolute
+# positions), each with its column col[j] (int32) and fp32 value val[j]: one CSR per task, rows of
+# the weight diff (a Linear's output features, an embedding's vocabulary rows).
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of the segmented ops: float64 when any operand is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _task_dense(rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, t: int, cols: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Task t's diff as a dense (R, cols) matrix."""
+    counts = rowptr[t, 1:] - rowptr[t, :-1]
+    lo, hi = int(rowptr[t, 0]), int(rowptr[t, -1])
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=col.device), counts)
+    dense = torch.zeros(counts.numel(), cols, dtype=dtype, device=col.device)
+    dense[rows, col[lo:hi].long()] = val[lo:hi].to(dtype)
+    return dense
+
+
+def segmented_spmm(x, y, row_task, rowptr, col, val, bias=None):
+    """y plus every row's own task's sparse product: with t = row_task[m] and D_t task t's diff as a
+    dense (N, K) matrix (its CSR rows are the N output features)::
+
+        out[m, n] = round(acc(y[m, n]) + sum_k D_t[n, k] * acc(x[m, k]) + bias[t, n])
+
+    x (M, K) in the compute dtype, y (M, N) the base output (x theta0^T + b0), out in y's dtype,
+    bias (T, N) or None; acc = float64 when any operand is, else float32, rounded once. Cost: the
+    nonzeros of row m's task per row, sum over tasks of nnz_t * rows_t multiply-adds. This oracle
+    forms each task's dense D_t (the backends never do).
+    """
+    acc = _acc_dtype(x, y, val)
+    out = y.to(acc, copy=True)
+    for t in range(rowptr.shape[0]):
+        rows = row_task == t
+        if not bool(rows.any()):
+            continue
+        out[rows] += x[rows].to(acc) @ _task_dense(rowptr, col, val, t, x.shape[1], acc).T
+        if bias is not None:
+            out[rows] += bias[t].to(acc)
+    return out.to(y.dtype)
+
+
+def segmented_gather(ids, y, row_task, rowptr, col, val):
+    """An embedding lookup's per-row task diff: with t = row_task[m] and D_t task t's diff as a dense
+    (R, H) table::
+
+        out[m, h] = round(acc(y[m, h]) + D_t[ids[m], h])
+
+    ids (M,) int64 rows, y (M, H) the base lookup theta0[ids], out in y's dtype; acc as in
+    :func:`segmented_spmm`. Each out entry gets at most one delta, so out is exactly the lookup of
+    the merged table round(acc(theta0) + acc(delta)). Cost: per row, its row's nonzeros.
+    """
+    acc = _acc_dtype(y, val)
+    out = y.to(acc, copy=True)
+    for t in range(rowptr.shape[0]):
+        rows = row_task == t
+        if bool(rows.any()):
+            out[rows] += _task_dense(rowptr, col, val, t, y.shape[1], acc)[ids[rows]]
+    return out.to(y.dtype)

@@ -22,6 +22,7 @@ KERNELS = {
     "triton-fused-linear": "Triton fused diff linear: forward, dX and weight-gradient GEMMs",
     "triton-sddmm": "Triton sampled weight gradient of the fixed-mask stage",
     "triton-scatter": "Triton scatter apply / restore (task switching)",
+    "triton-segmented": "Triton segmented sparse products of mixed-task serving (backends/triton/segmented.py)",
     "cuda-gates": "CUDA extension gate kernels and its Philox (csrc/gates.cu)",
     "cuda-scatter": "CUDA extension scatter apply / restore (csrc/scatter.cu)",
     "cuda-sddmm": "CUDA extension sddmm (csrc/sddmm.cu)",
@@ -120,6 +121,13 @@ PICKS = [
          real=True),
     Pick("test_triton_guard_zones.py::test_scatter_kernels_stay_inside_their_tensors", ("triton-scatter",),
          params=dict(dtype=_BF16)),
+    # Mixed-task serving: the segmented Linear and embedding corrections.
+    Pick("test_segmented.py::test_triton_spmm_matches_the_dense_oracle_at_odd_shapes", ("triton-segmented",),
+         params=dict(device="cuda", dtype=_BF16)),
+    Pick("test_segmented.py::test_triton_gather_is_the_merged_lookup_bit_for_bit", ("triton-segmented",),
+         params=dict(device="cuda", dtype=_BF16)),
+    Pick("test_segmented.py::test_triton_segmented_kernels_on_the_gpu_at_a_real_shape", ("triton-segmented",),
+         real=True, params=dict(dtype=_BF16)),
     # Philox: every seed edge case (one compile each at most), and a real layer's counters.
     Pick("test_philox.py::test_reference_philox_matches_tl_rand_bit_for_bit", ("philox",)),
     Pick("test_philox.py::test_reference_philox_matches_tl_rand_over_a_real_layers_counters", ("philox",), real=True),

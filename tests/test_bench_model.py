@@ -99,9 +99,9 @@ def test_presets_cpu_deep_and_minilm():
 
 
 def test_inference_cpu_smoke(tmp_path):
-    assert bench_inference.main([*TOY, "--out", str(tmp_path)]) == 0
+    assert bench_inference.main([*TOY, "--serve-model", "toy", "--tasks", "1,2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_inference.json").read_text())
-    _check_rows(rows, {("switch", "restore+apply"), ("model_forward", "eval")})
+    _check_rows(rows, {("switch", "restore+apply"), ("model_forward", "eval"), ("serve_mixed", "eval")})
     assert {r["provider"] for r in rows} == set(bench_inference.PROVIDERS)
     assert {r["provider"] for r in rows if r["op"] == "switch"} == {"dpkernels", "lora"}
     assert "x merged" in next(r for r in rows if r["provider"] == "unmerged-l0")["notes"]

@@ -487,7 +487,7 @@ def test_bench_runs_the_suite_quick_on_cpu(tmp_path, capsys):
     assert code == 0, err
     assert "toy sizes on cpu" in out
     rows = json.loads((tmp_path / "suite.json").read_text())
-    assert {r["op"] for r in rows} == {"gates", "diff_linear", "switch", "model_step", "model_forward"}
+    assert {r["op"] for r in rows} == {"gates", "diff_linear", "switch", "model_step", "model_forward", "serve_mixed"}
     # LoRA rows are skipped (NaN, with a note) where peft is not installed.
     assert all(r["ms"] > 0 and r["device"].startswith("cpu") for r in rows
                if not r.get("notes", "").startswith("skipped"))

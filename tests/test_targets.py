@@ -51,6 +51,9 @@ def test_verdicts_from_known_ratios(tmp_path):
     shape = "bert L24 H1024 (393 tensors, nnz 1673000)"
     _write(tmp_path / "a", "bench_switch", [_row("switch", "triton", "restore+apply", shape, "bf16", 0.5)])
     _write(tmp_path / "a", "bench_switch_size", {"tensors": 393})  # a summary, not rows: skipped
+    _write(tmp_path / "a", "bench_inference", [  # 16 tasks mixed at 1.05x the merged forward: met
+        _row("serve_mixed", "merged", "eval", "bert-base b64 s128 T1", "bfloat16", 4.0),
+        _row("serve_mixed", "multitask", "eval", "bert-base b64 s128 T16", "bfloat16", 4.2)])
     step = "bert-large b32 s128"
     _write(tmp_path / "a", "bench_model_step", [
         _row("model_step", p, "train", step, "bf16-autocast", ms) for p, ms in
@@ -86,6 +89,8 @@ def test_verdicts_from_known_ratios(tmp_path):
     assert v["gate forward (triton) 4096x11008, >= 90% of copy bandwidth"].met is True
     assert v["gate backward (triton) 4096x11008, >= 90% of copy bandwidth"].met is False
     assert v[f"task switch (triton), {shape}, <= 0.2 ms"].met is True
+    serve = v["mixed batch of 16 tasks (MultiTask) / merged forward, bert-base b64 s128, <= 1.1"]
+    assert serve.met is True and serve.figure.startswith("1.05x")
     assert v[f"model step dpkernels / full, {step}, <= 1.15 and faster than LoRA"].figure.startswith("1.12x")
     assert v[f"model step dpkernels / full, {step}, <= 1.15 and faster than LoRA"].met is True
     assert v[f"model step peak over full finetuning, {step}, <= 20 B per gated parameter"].met is True
@@ -103,7 +108,7 @@ def test_cli_prints_the_tables_and_rejects_a_missing_folder(tmp_path, capsys):
     assert targets.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| fixed-mask / nn.Linear, 8192x4096->4096, <= 0.8 | 0.90x (0.9 / 1 ms vs nn.Linear) | **MISSED** |" in out
-    assert out.rstrip().endswith("0 met, 1 missed, 23 not measured")
+    assert out.rstrip().endswith("0 met, 1 missed, 24 not measured")
     with pytest.raises(SystemExit) as exc:
         targets.main([str(tmp_path / "absent")])
     assert exc.value.code == 2 and "no such folder" in capsys.readouterr().err

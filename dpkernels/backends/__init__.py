@@ -1,11 +1,13 @@
 """Backend registry and dispatch: the one place that decides which implementation runs an op.
 
 Every backend module offers the same primitives (``gate_forward``, ``gate_backward``, and where
-written ``sddmm``, ``scatter_apply``, ``scatter_restore``; the signatures of ``dpkernels.reference``):
+written ``sddmm``, ``scatter_apply``, ``scatter_restore``, ``segmented_spmm``, ``segmented_gather``; the
+signatures of ``dpkernels.reference``):
 
     torch   dpkernels.reference   any device, any float dtype (the oracle and CPU fallback); large
                                   CPU tensors' gate passes fused by torch.compile, dense-enough CPU
-                                  masks' sddmm by one GEMM (torch_fused.py)
+                                  masks' sddmm by one GEMM, the segmented products of mixed-task
+                                  batches by torch.sparse (torch_fused.py)
     triton  backends/triton       CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; fp32 gates
     cuda    backends/cuda         the compiled extension dpkernels._C; CUDA tensors, fp32 gates
 

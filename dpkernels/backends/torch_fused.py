@@ -1,5 +1,6 @@
 """The torch backend: ``dpkernels.reference``, with the gate passes of CPU tensors fused (and, on
-a CPU, the sampled weight gradient of a dense-enough mask computed by one GEMM: see sddmm).
+a CPU, the sampled weight gradient of a dense-enough mask computed by one GEMM: see sddmm; the
+segmented products of mixed-task serving by torch.sparse instead of the reference's dense diffs).
 
 The eager reference spends a few hundred tensor operations per element on the emulated Philox
 (each a full pass over memory), about 1.5 s per million gates on a 2-core CPU: a diff-pruned
@@ -190,3 +191,52 @@ def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_feature
         return reference.sddmm(grad_y, x, index, in_features)
     acc = torch.float64 if torch.float64 in (grad_y.dtype, x.dtype) else torch.float32
     return (grad_y.to(acc).t() @ x.to(acc)).view(-1)[index]
+
+
+def segmented_spmm(x, y, row_task, rowptr, col, val, bias=None):
+    """reference.segmented_spmm's contract without dense diffs: the rows sorted by task (when several
+    are present), per task one ``addmm(y, x, D_t^T)`` with D_t a sparse CSR tensor over that task's
+    run of rows (MKL's sparse product on a CPU, torch.sparse on CUDA; no transposed copies), then
+    the rows put back in place."""
+    acc = reference._acc_dtype(x, y, val)
+    n, k = y.shape[1], x.shape[1]
+    counts = torch.bincount(row_task, minlength=rowptr.shape[0]).tolist()
+    spans = rowptr[:, [0, -1]].tolist()
+    single = sum(c > 0 for c in counts) <= 1
+    order = None if single else torch.argsort(row_task, stable=True)
+    xs, ys = (x, y) if single else (x[order], y[order])
+    xs, out = xs.to(acc), ys.to(acc, copy=True)
+    first = 0
+    for t, rows in enumerate(counts):
+        if not rows:
+            continue
+        part, lo, hi = out[first : first + rows], *spans[t]
+        if hi > lo:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                delta = torch.sparse_csr_tensor(rowptr[t] - lo, col[lo:hi].to(torch.int64), val[lo:hi].to(acc),
+                                                (n, k), check_invariants=False)
+                torch.addmm(part, xs[first : first + rows], delta.t(), out=part)
+        if bias is not None:
+            part += bias[t].to(acc)
+        first += rows
+    if not single:
+        out = torch.empty_like(out).index_copy_(0, order, out)
+    return out.to(y.dtype)
+
+
+def segmented_gather(ids, y, row_task, rowptr, col, val):
+    """reference.segmented_gather's contract without dense tables: every row's entries gathered from
+    its task's CSR row ids[m] and added where they belong (one index_put over all rows)."""
+    acc = reference._acc_dtype(y, val)
+    out = y.to(acc, copy=True)
+    row_task, ids = row_task.to(torch.int64), ids.to(torch.int64)
+    start = rowptr[row_task, ids]
+    counts = rowptr[row_task, ids + 1] - start
+    total = int(counts.sum())
+    if total:
+        owner = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts, output_size=total)
+        first = torch.cumsum(counts, 0) - counts  # each row's first position among the gathered entries
+        entry = start[owner] + torch.arange(total, device=ids.device) - first[owner]
+        out.index_put_((owner, col[entry].to(torch.int64)), val[entry].to(acc), accumulate=True)
+    return out.to(y.dtype)
