@@ -241,6 +241,23 @@ def verdict(rows: list[dict]) -> str | None:
             f"{TARGET_POINTS:g} point) -- **{'met' if met else 'missed'}**.")
 
 
+def selection_gaps(rows: list[dict]) -> list[str]:
+    """Diff pruning against magnitude pruning of a dense diff at the same k (what the L0 stage adds
+    over ranking |w| alone), one line per percentage both ran at, mean test gap over their seeds."""
+    by_key = {r["key"]: r for r in rows}
+    lines = []
+    for key, row in by_key.items():
+        other = by_key.get(key.replace("diff", "magnitude", 1)) if key.startswith("diff") else None
+        if other is None:
+            continue
+        gap = 100 * (row["test_accuracy"] - other["test_accuracy"])
+        val = 100 * (row["validation_accuracy"] - other["validation_accuracy"])
+        met = "met" if round(gap, 9) >= 0 else "missed"
+        lines.append(f"Diff pruning vs magnitude pruning at {key[4:]}%: {gap:+.2f} test-accuracy points "
+                     f"({val:+.2f} on validation); target: no worse -- **{met}**.")
+    return lines
+
+
 def _accuracies(row: dict, split: str) -> str:
     """'75.33' for one seed; 'mean (seed values)' for several."""
     each = row.get(f"{split}_accuracies") or []
@@ -335,6 +352,8 @@ def markdown(rows: list[dict], meta: dict, plot_name: str | None) -> str:
     v = verdict(rows)
     if v:
         lines += [v, ""]
+    gaps = selection_gaps(rows)
+    lines += gaps + ([""] if gaps else [])
     if plot_name:
         lines += [f"![test accuracy vs fraction of parameters]({plot_name})", ""]
     return "\n".join(lines)

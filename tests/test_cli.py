@@ -606,6 +606,20 @@ def test_quality_report_averages_seeds(tiny_model, toy_csv, tmp_path):
     assert quality.main(["--merge", str(out_dir), str(tmp_path / "one"), "--out", str(tmp_path / "y")]) == 2
 
 
+def test_quality_compares_diff_pruning_with_magnitude_pruning_at_the_same_k():
+    from benchmarks import quality
+
+    rows = [dict(key=k, test_accuracy=t, validation_accuracy=v) for k, t, v in
+            (("diff0.5", 0.80, 0.70), ("magnitude0.5", 0.79, 0.72), ("diff0.1", 0.75, 0.7), ("magnitude1", 0.9, 0.9))]
+    assert quality.selection_gaps(rows) == [
+        "Diff pruning vs magnitude pruning at 0.5%: +1.00 test-accuracy points (-2.00 on validation); target: no "
+        "worse -- **met**."]
+    rows[1]["test_accuracy"] = 0.81
+    assert quality.selection_gaps(rows)[0].endswith("**missed**.")
+    assert quality.parse_methods("magnitude0.5,diff.1") == [("magnitude0.5", "magnitude", 0.005),
+                                                            ("diff0.1", "diff", 0.001)]
+
+
 def test_quality_verdict_counts_a_gap_of_exactly_one_point_as_met():
     from benchmarks import quality
 
