@@ -278,17 +278,25 @@ def clip_param_groups(default: float | None = None, *, norm_type: float = 2.0) -
     return hook
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, *, warmup_steps: int = 0):
-    """Linear warmup to each group's lr over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+def linear_factor(total_steps: int, warmup_steps: int = 0, *, decay: bool = True) -> Callable[[int], float]:
+    """The lr multiplier at each step: linear warmup over ``warmup_steps``, then linear decay to 0
+    at ``total_steps`` (or, with ``decay=False``, constant)."""
     total_steps = max(1, int(total_steps))
     warmup_steps = max(0, min(int(warmup_steps), total_steps))
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
+        if not decay:
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, *, warmup_steps: int = 0):
+    """Linear warmup to each group's lr over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_factor(total_steps, warmup_steps))
 
 
 def _trainable_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

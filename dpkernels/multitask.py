@@ -45,7 +45,7 @@ from torch import nn
 
 from . import ops
 from .reference import _merge_dtype
-from .sparse import SparseDiff, _few, _named_targets, _refuse_gated, _unwrap, applied
+from .sparse import SparseDiff, _few, _named_targets, _refuse_gated, _unwrap, applied, check_new_task
 
 __all__ = ["MultiTask"]
 
@@ -335,12 +335,7 @@ class MultiTask(nn.Module):
     def add(self, name: str, diff: SparseDiff) -> MultiTask:
         """Validate `diff` against the base and serve it as task `name` (the next index); returns self."""
         self._check_open()
-        if not isinstance(name, str):
-            raise TypeError(f"task names are strings, got {type(name).__name__}")
-        if name in self._diffs:
-            raise ValueError(f"task {name!r} was already added; remove() it first")
-        if not isinstance(diff, SparseDiff):
-            raise TypeError(f"add() takes a SparseDiff, got {type(diff).__name__}")
+        check_new_task(name, diff, self._diffs)
         self._check_plain()
         diff.check_model(self._plain[0])
         self._check_servable(diff)

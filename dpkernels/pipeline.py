@@ -150,13 +150,8 @@ def _stage(model, loader, groups, cfg: FinetuneConfig, device, epochs: int, extr
     optimizer = torch.optim.AdamW(groups)
     steps = epochs * len(loader)
     warmup = int(cfg.warmup_ratio * steps)
-    decay = hf.linear_schedule(optimizer, steps, warmup_steps=warmup).lr_lambdas[0]
-
-    def constant(step: int) -> float:
-        return min(1.0, (step + 1) / (warmup + 1))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [constant if g.get("name") == "log_alpha" else decay for g in optimizer.param_groups])
+    factors = [hf.linear_factor(steps, warmup, decay=g.get("name") != "log_alpha") for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     on_step = None if constraint is None else (lambda step, logs: constraint.after_step(optimizer))
     return hf.train_epochs(model, loader, optimizer, epochs=epochs, device=device, extra_loss=extra_loss,
                            grad_clip=hf.clip_param_groups(cfg.max_grad_norm), scheduler=scheduler,

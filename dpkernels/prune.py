@@ -33,6 +33,7 @@ from .nn import (
     require_gated,
     share_gates_per_forward,
 )
+from .reference import l0_shift
 
 _INF_BITS = 0x7F800000  # float32 +inf: every finite magnitude's bit pattern is below it
 
@@ -49,8 +50,6 @@ def _magnitude_bits(gt) -> torch.Tensor:
 def _expected_magnitude_bits(gt) -> torch.Tensor:
     """P(z != 0) * |w| (times the group gate's P) of one gated tensor's entries whose z_eval * w is
     0, as int32 bit patterns; 0 at the entries z_eval * w keeps."""
-    from .reference import l0_shift
-
     with torch.no_grad():
         shift = l0_shift(gt.l, gt.r, gt.beta)
         expected = torch.sigmoid(gt.log_alpha.float() - shift) * gt.diff.float().abs()

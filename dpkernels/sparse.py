@@ -612,6 +612,17 @@ class SparseDiff:
 # --------------------------------------------------------------------------------------------
 
 
+def check_new_task(name, diff, tasks) -> None:
+    """The argument checks of TaskSwitcher.add and MultiTask.add: a string name not in ``tasks``
+    and a SparseDiff."""
+    if not isinstance(name, str):
+        raise TypeError(f"task names are strings, got {type(name).__name__}")
+    if name in tasks:
+        raise ValueError(f"task {name!r} was already added; remove() it first")
+    if not isinstance(diff, SparseDiff):
+        raise TypeError(f"add() takes a SparseDiff, got {type(diff).__name__}")
+
+
 def _digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """SHA-256 over the metadata (less sha256 itself) and every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256()
@@ -1178,12 +1189,7 @@ class TaskSwitcher:
 
     def add(self, name: str, diff: SparseDiff) -> TaskSwitcher:
         """Validate `diff` against the model and keep it resident under `name`; returns self."""
-        if not isinstance(name, str):
-            raise TypeError(f"task names are strings, got {type(name).__name__}")
-        if name in self._tasks:
-            raise ValueError(f"task {name!r} was already added; remove() it first")
-        if not isinstance(diff, SparseDiff):
-            raise TypeError(f"add() takes a SparseDiff, got {type(diff).__name__}")
+        check_new_task(name, diff, self._tasks)
         gated, dense = diff.check_model(self.model)
         self._tasks[name] = _Resident(diff, self._table, gated, dense)
         return self
