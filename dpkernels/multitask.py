@@ -337,7 +337,7 @@ class MultiTask(nn.Module):
         self._check_open()
         check_new_task(name, diff, self._diffs)
         self._check_plain()
-        diff.check_model(self._plain[0])
+        diff = diff._for_targets(diff.check_model(self._plain[0])[0])  # an untied alias is a target of its own
         self._check_servable(diff)
         self._diffs[name] = diff
         try:

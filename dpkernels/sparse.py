@@ -21,8 +21,9 @@ Tensors, per gated base tensor ``<name>`` (a parameter name of the model)::
     <name>.base_values   float32: the base's values there
 
 and ``<name>.dense`` (its own dtype) per dense task parameter. Metadata (str -> str, JSON where
-structured): ``tensors`` (name, shape, dtype, nnz, gate per gated tensor), ``dense`` (name, shape,
-dtype), ``gate_config`` (l, r, beta when all tensors share one, else null), ``nnz``, ``total``
+structured): ``tensors`` (name, shape, dtype, nnz, gate per gated tensor, and ``aliases`` for a tied
+tensor: its other names in the model it came from, written only then, so readers that predate it
+refuse such a file instead of leaving an untied copy unchanged), ``dense`` (name, shape, dtype), ``gate_config`` (l, r, beta when all tensors share one, else null), ``nnz``, ``total``
 (gated elements), ``sparsity`` (nnz / total), ``values_dtype``, ``created_by``, optionally ``info``
 (a JSON object saying how the diff was made, e.g. the finetuning run's model, data and seed, so
 that ``dpkernels eval`` needs no flags; readers that predate it ignore it), optionally
@@ -159,6 +160,10 @@ class DiffTensor:
     base_index: torch.Tensor  # int64, sorted unique fingerprint positions
     base_values: torch.Tensor  # float32, the base there
     gate: dict | None = None  # {"l", "r", "beta"} of the module it came from, if gated
+    # The tensor's other names in the model it came from (a tied parameter: GPT-2's lm_head.weight
+    # beside transformer.wte.weight). Applied to a model where such a name is a tensor of its own
+    # (untied, e.g. tie_word_embeddings=False), the delta goes there too.
+    aliases: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -189,11 +194,15 @@ class DiffTensor:
         if self.values.numel() and not bool(torch.isfinite(self.values).all()):
             raise ValueError("values contain NaN or infinite entries")
         self.gate = _check_gate(self.gate)
+        aliases = tuple(self.aliases) if isinstance(self.aliases, (tuple, list)) else None
+        if aliases is None or not all(isinstance(a, str) and a for a in aliases) or len(set(aliases)) != len(aliases):
+            raise ValueError(f"aliases {self.aliases!r} must be a tuple of distinct non-empty names")
+        self.aliases = aliases
 
     def to(self, device) -> DiffTensor:
         move = dict(device=device)
         return DiffTensor(self.shape, self.dtype, self.index.to(**move), self.values.to(**move),
-                          self.base_index.to(**move), self.base_values.to(**move), self.gate)
+                          self.base_index.to(**move), self.base_values.to(**move), self.gate, self.aliases)
 
 
 class SparseDiff:
@@ -238,6 +247,12 @@ class SparseDiff:
         both = self.tensors.keys() & self.dense.keys()
         if both:
             raise ValueError(f"names {_few(sorted(both))} are both gated and dense")
+        self._alias_of: dict[str, str] = {}  # alias -> the tensor's name in the diff
+        for name, t in self.tensors.items():
+            for alias in t.aliases:
+                if alias in self.tensors or alias in self.dense or alias in self._alias_of:
+                    raise ValueError(f"tensor {name!r}: alias {alias!r} names another entry of the diff")
+                self._alias_of[alias] = name
 
     @property
     def info(self) -> dict | None:
@@ -314,6 +329,7 @@ class SparseDiff:
     @classmethod
     def _build(cls, model, bases, deltas, dense, gates, info=None) -> SparseDiff:
         record = _APPLIED.get(model)
+        names_of = _names_by_tensor(model)
         tensors = {}
         for name, (index, values) in deltas.items():
             theta0 = bases[name]
@@ -325,8 +341,11 @@ class SparseDiff:
                 index, order = index.sort()
                 values = values[order.to(values.device)]
             positions = _sample_positions(theta0.numel()).to(theta0.device)
+            # (names the caller gives entries of their own stay entries: apply refuses them as shared memory)
+            aliases = tuple(n for n in names_of.get(id(theta0), ()) if n not in deltas and n not in dense)
             tensors[name] = DiffTensor(tuple(theta0.shape), theta0.dtype, index.clone(), values, positions,
-                                       _true_values(record, theta0, positions).to(torch.float32), gates[name])
+                                       _true_values(record, theta0, positions).to(torch.float32), gates[name],
+                                       aliases)
         dense = {name: _true_tensor(record, p).clone() for name, p in dense.items()}
         return cls(tensors, dense, info)
 
@@ -397,7 +416,8 @@ class SparseDiff:
             "format_version": str(FORMAT_VERSION),
             "created_by": f"dpkernels {__version__}",
             "tensors": json.dumps([{"name": n, "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "nnz": t.nnz,
-                                    "gate": t.gate} for n, t in self.tensors.items()]),
+                                    "gate": t.gate, **({"aliases": list(t.aliases)} if t.aliases else {})}
+                                   for n, t in self.tensors.items()]),
             "dense": json.dumps([{"name": n, "shape": list(d.shape), "dtype": _dtype_name(d.dtype)}
                                  for n, d in self.dense.items()]),
             "gate_config": gates.pop() if len(gates) == 1 else "null",
@@ -519,7 +539,9 @@ class SparseDiff:
         gated bases contiguous, disjoint and of a supported dtype, and the base fingerprint matching
         (read as the base is without any diff applied to it), and the model not diff-pruned (a diff
         written under live gated diffs would add to them: twice the delta if it came from this
-        model). Returns (gated, dense) parameters."""
+        model). Returns (gated, dense) parameters. A tied tensor's other names (``aliases``) that
+        are tensors of their own in `model` (untied) are gated targets too, under those names, with
+        the same delta and the same fingerprint check."""
         model = _unwrap(model)
         _refuse_gated(model)
         params = _named_targets(model)
@@ -527,8 +549,9 @@ class SparseDiff:
         if unknown:
             raise ValueError(f"the model has no parameters named {_few(unknown)} "
                              f"({len(unknown)} of the diff's {len(self.tensors) + len(self.dense)} names)")
+        targets = self._targets(params)
         problems = []
-        for name, t in self.tensors.items():
+        for name, t in targets.items():
             p = params[name]
             if tuple(p.shape) != t.shape:
                 problems.append(f"{name!r} has shape {tuple(p.shape)} in the model, {t.shape} in the diff")
@@ -545,15 +568,29 @@ class SparseDiff:
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError("the diff does not fit the model: " + "; ".join(problems[:3]) + more)
-        names = [*self.tensors, *self.dense]
+        names = [*targets, *self.dense]
         _check_disjoint(names, [params[n] for n in names])
-        self._check_fingerprint(model, params)
-        return {n: params[n] for n in self.tensors}, {n: params[n] for n in self.dense}
+        self._check_fingerprint(model, params, targets)
+        return {n: params[n] for n in targets}, {n: params[n] for n in self.dense}
 
-    def _check_fingerprint(self, model, params) -> None:
+    def _targets(self, params: Mapping[str, torch.Tensor]) -> dict[str, DiffTensor]:
+        """The diff's tensors by the model's names: its own, and each alias that is not the same
+        tensor as its name in this model (a tie the model does not have)."""
+        untied = {a: n for a, n in self._alias_of.items() if a in params and params[a] is not params[n]}
+        return {**self.tensors, **{a: self.tensors[n] for a, n in untied.items()}}
+
+    def _for_targets(self, gated: Mapping[str, torch.Tensor]) -> SparseDiff:
+        """This diff with a tensor entry per name of ``gated`` (check_model's: aliases included), for
+        the appliers, which write every entry they are given."""
+        bound = object.__new__(SparseDiff)
+        bound.__dict__.update(self.__dict__)
+        bound.tensors = {n: self.tensors[self._alias_of.get(n, n)] for n in gated}
+        return bound
+
+    def _check_fingerprint(self, model, params, targets) -> None:
         record = _APPLIED.get(model)
         counts: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-        for name, t in self.tensors.items():
+        for name, t in targets.items():
             if t.base_index.numel() == 0:
                 continue
             p = params[name]
@@ -570,7 +607,8 @@ class SparseDiff:
         for entries in counts.values():
             for (name, _), n in zip(entries, torch.stack([c for _, c in entries]).tolist(), strict=True):
                 if n:
-                    bad.append(f"{name!r} ({n} of {self.tensors[name].base_index.numel()} samples)")
+                    untied = f", untied here from {self._alias_of[name]!r}" if name in self._alias_of else ""
+                    bad.append(f"{name!r} ({n} of {targets[name].base_index.numel()} samples{untied})")
         if bad:
             raise ValueError(f"wrong base model: {len(bad)} tensor(s) differ from the base this diff was made for "
                              f"beyond a dtype cast's rounding: {_few(bad, quote=False)}")
@@ -587,7 +625,7 @@ class SparseDiff:
             raise ValueError(f"the model already has a diff applied (by {who}); restore() it first")
         gated, dense = self.check_model(plain)
         table = _TargetTable()
-        resident = _Resident(self, table, gated, dense)
+        resident = _Resident(self._for_targets(gated), table, gated, dense)
         resident.apply()
         _APPLIED[plain] = _Applied(self, table, resident)
         return model
@@ -826,7 +864,10 @@ def _parse(raw: dict[str, torch.Tensor], metadata: dict | None) -> SparseDiff:
     dense_records = _json_field(metadata, "dense")
     if not isinstance(records, list) or not isinstance(dense_records, list):
         raise ValueError("metadata 'tensors' and 'dense' must be JSON lists")
-    gated = [_record(e, ("name", "shape", "dtype", "nnz", "gate"), "tensors") for e in records]
+    # "aliases" is written only for a tied tensor, so files without ties read in older versions too.
+    gated = [_record(e, ("name", "shape", "dtype", "nnz", "gate", *(("aliases",) if isinstance(e, dict) and
+                                                                    "aliases" in e else ())), "tensors")
+             for e in records]
     dense_info = [_record(e, ("name", "shape", "dtype"), "dense") for e in dense_records]
     names = [g[0] for g in gated] + [d[0] for d in dense_info]
     if len(set(names)) != len(names):
@@ -837,7 +878,10 @@ def _parse(raw: dict[str, torch.Tensor], metadata: dict | None) -> SparseDiff:
         raise ValueError("tensors do not match the metadata:" + (f" missing {_few(missing)}" if missing else "")
                          + (f" extra {_few(extra)}" if extra else ""))
     tensors = {}
-    for name, shape, dtype_name, nnz, gate in gated:
+    for name, shape, dtype_name, nnz, gate, *aliases in gated:
+        if aliases and not (isinstance(aliases[0], list) and aliases[0]):
+            raise ValueError(f"tensor {name!r}: metadata aliases {aliases[0]!r} must be a non-empty list of names")
+        aliases = aliases[0] if aliases else []
         if dtype_name not in BASE_DTYPES:
             raise ValueError(f"tensor {name!r}: base dtype {dtype_name!r} is not one of {', '.join(BASE_DTYPES)}")
         index = raw[f"{name}.indices"]
@@ -849,7 +893,8 @@ def _parse(raw: dict[str, torch.Tensor], metadata: dict | None) -> SparseDiff:
             raise ValueError(f"tensor {name!r}: metadata says nnz={nnz!r}, the file holds indices of shape "
                              f"{tuple(index.shape)}")
         tensors[name] = DiffTensor(tuple(shape), BASE_DTYPES[dtype_name], index.to(torch.int64),
-                                   raw[f"{name}.values"], raw[f"{name}.base_index"], raw[f"{name}.base_values"], gate)
+                                   raw[f"{name}.values"], raw[f"{name}.base_index"], raw[f"{name}.base_values"], gate,
+                                   tuple(aliases))
     dense = {}
     for name, shape, dtype_name in dense_info:
         d = raw[f"{name}.dense"]
@@ -892,6 +937,16 @@ def _named_targets(model: nn.Module) -> dict[str, torch.Tensor]:
         for pname, plist in getattr(module, "parametrizations", {}).items():
             if hasattr(plist, "original"):  # weight_norm and the like keep original0, original1, ...
                 out.setdefault(f"{path}.{pname}" if path else pname, plist.original)
+    return out
+
+
+def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
+    """id(tensor) -> its plain names in ``model`` (a tied tensor has several; a parametrization's
+    internal ``parametrizations.<name>.original`` names are left out)."""
+    out: dict[int, list[str]] = {}
+    for name, t in _named_targets(model).items():
+        if ".parametrizations." not in f".{name}":
+            out.setdefault(id(t), []).append(name)
     return out
 
 
@@ -1191,7 +1246,7 @@ class TaskSwitcher:
         """Validate `diff` against the model and keep it resident under `name`; returns self."""
         check_new_task(name, diff, self._tasks)
         gated, dense = diff.check_model(self.model)
-        self._tasks[name] = _Resident(diff, self._table, gated, dense)
+        self._tasks[name] = _Resident(diff._for_targets(gated), self._table, gated, dense)
         return self
 
     def _get(self, name: str) -> _Resident:
