@@ -81,6 +81,10 @@ def test_backend_names_are_validated(monkeypatch):
     monkeypatch.setenv("DPKERNELS_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="not one of auto, triton, cuda, torch"):
         dpkernels.sample_gates(torch.zeros(3), 1)
+    from dpkernels import backends
+
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):  # not sent to the cuda loader
+        backends.load("cudnn")
 
 
 def test_explicit_unavailable_backend_raises(monkeypatch):

@@ -55,7 +55,10 @@ def _import(name: str):
 
 
 def load(name: str):
-    """The backend module, imported once; raises BackendUnavailable with the import error."""
+    """The backend module, imported once; raises BackendUnavailable with the import error (and
+    ValueError for a name that is no backend)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     if name not in _loaded and name not in _load_errors:
         try:
             _loaded[name] = _import(name)
