@@ -23,15 +23,15 @@ Tensors, per gated base tensor ``<name>`` (a parameter name of the model)::
 and ``<name>.dense`` (its own dtype) per dense task parameter. Metadata (str -> str, JSON where
 structured): ``tensors`` (name, shape, dtype, nnz, gate per gated tensor, and ``aliases`` for a tied
 tensor: its other names in the model it came from, written only then, so readers that predate it
-refuse such a file instead of leaving an untied copy unchanged), ``dense`` (name, shape, dtype), ``gate_config`` (l, r, beta when all tensors share one, else null), ``nnz``, ``total``
-(gated elements), ``sparsity`` (nnz / total), ``values_dtype``, ``created_by``, optionally ``info``
-(a JSON object saying how the diff was made, e.g. the finetuning run's model, data and seed, so
-that ``dpkernels eval`` needs no flags; readers that predate it ignore it), optionally
-``base_model`` ({name_or_path, revision}: the transformers model the diff was made from) and
-``id2label`` (the task's labels, {"0": name, ...}), both read from the model's config by
-:meth:`SparseDiff.from_model` and likewise ignored by older readers, and ``sha256`` over every
-tensor's name, dtype, shape and bytes and the rest of the metadata, so any corrupt byte is caught
-at load.
+refuse such a file instead of leaving an untied copy unchanged), ``dense`` (name, shape, dtype),
+``gate_config`` (l, r, beta when all tensors share one, else null), ``nnz``, ``total`` (gated
+elements), ``sparsity`` (nnz / total), ``values_dtype``, ``created_by``, optionally ``info`` (a JSON
+object saying how the diff was made, e.g. the finetuning run's model, data and seed, so that
+``dpkernels eval`` needs no flags; readers that predate it ignore it), optionally ``base_model``
+({name_or_path, revision}: the transformers model the diff was made from) and ``id2label`` (the
+task's labels, {"0": name, ...}), both read from the model's config by :meth:`SparseDiff.from_model`
+and likewise ignored by older readers, and ``sha256`` over every tensor's name, dtype, shape and
+bytes and the rest of the metadata, so any corrupt byte is caught at load.
 
 Hugging Face layout (:meth:`SparseDiff.save_pretrained` / :meth:`SparseDiff.from_pretrained`): a
 folder holding ``diff.safetensors`` (the file above) and ``diff_config.json``, a JSON object with
