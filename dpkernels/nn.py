@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import grouped, ops, reference
 
 _GATE_DEFAULTS = dict(l=-1.5, r=1.5, beta=1.0, alpha_init=5.0, l0_lambda=0.0, structured=False)
 
@@ -103,6 +103,8 @@ class _GatedModule(nn.Module):
         self.l, self.r, self.beta = float(l), float(r), float(beta)
         self.alpha_init, self.l0_lambda, self.structured = float(alpha_init), float(l0_lambda), bool(structured)
         self._seed: torch.Tensor | None = None
+        self._group_of = None  # the model's grouped.GateGroups, when diff_prune grouped this module's gates
+        self._grouped: dict[str, torch.Tensor] = {}  # prefix -> effective tensor of the model forward
         ops.preload_backends()  # before any torch.compile trace, which cannot import them
 
     _BASE_NAMES: tuple[str, ...] = ()  # the frozen base parameters held here (DiffLinear's weight, bias)
@@ -295,6 +297,13 @@ class DiffLinear(_GatedModule):
                 self._checked_index = self._index_state()
             return ops.fixed_mask_linear(x, self.weight, self.bias, self.diff_index, self.diff_values,
                                          self.bias_diff_index, self.bias_diff_values, validate=False)
+        weight, bias = grouped.effective(self, ""), grouped.effective(self, "bias_")
+        if weight is not None:  # the model forward's grouped pass formed both (see dpkernels.grouped)
+            return nn.functional.linear(x, weight, bias)
+        if bias is not None:  # the bias's gates grouped; the weight's drawn with the seed the group set
+            return ops.diff_linear(x, self.weight, bias, self.diff, self.log_alpha, seed=self._seed,
+                                   training=self.training, l=self.l, r=self.r, beta=self.beta,
+                                   l0_lambda=self.l0_lambda)
         seed = self._next_seed()
         gated = self.gated_tensors()
         n_elements = sum(gt.theta0.numel() for gt in gated)
@@ -408,6 +417,9 @@ class GatedParameter(_GatedModule):
         if self.fixed_mask:
             flat = theta0.reshape(-1).to(self.diff_values.dtype).index_add(0, self.diff_index, self.diff_values)
             return flat.to(theta0.dtype).view(theta0.shape)
+        effective = grouped.effective(self, "")
+        if effective is not None:
+            return effective
         if self.training and self.seed is None:
             self.draw_seed()
         gt = self._gated("", "", theta0)
@@ -453,7 +465,9 @@ def _draw_gate_seeds(module: nn.Module, _inputs) -> None:
         for p in plist:
             # A shared gate inside the model's forward already has that forward's seed; a module
             # holding it called on its own draws a fresh one, as for any other gate.
-            if isinstance(p, GatedParameter) and p.training and not p.in_model_forward:
+            # A grouped gate has its seed from the model forward's grouped pass.
+            if (isinstance(p, GatedParameter) and p.training and not p.in_model_forward
+                    and grouped.effective(p, "") is None):
                 p.draw_seed()
 
 
@@ -501,10 +515,11 @@ def iter_gated(model: nn.Module):
     seen: set[int] = set()
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
-        if callable(getattr(module, "gated_tensors", None)):
+        # Class and _modules lookups: nn.Module.__getattr__'s miss (an exception) per module is slow.
+        if callable(getattr(type(module), "gated_tensors", None)):
             for gt in module.gated_tensors():
                 yield prefix + gt.name, module, gt
-        for pname, plist in getattr(module, "parametrizations", {}).items():
+        for pname, plist in (module._modules.get("parametrizations") or {}).items():
             for p in plist:
                 if isinstance(p, GatedParameter) and id(p) not in seen:
                     seen.add(id(p))

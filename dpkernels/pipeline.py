@@ -147,7 +147,7 @@ def _stage(model, loader, groups, cfg: FinetuneConfig, device, epochs: int, extr
            constraint: L0Target | None = None) -> dict:
     """One stage: AdamW, warmup then linear decay (log_alpha: warmup then constant, since the L0
     target schedules the gates), per-group clipping; ``constraint.after_step`` after each step."""
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = torch.optim.AdamW(groups, foreach=True)  # exact: tests/test_grouped.py
     steps = epochs * len(loader)
     warmup = int(cfg.warmup_ratio * steps)
     factors = [hf.linear_factor(steps, warmup, decay=g.get("name") != "log_alpha") for g in optimizer.param_groups]

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from . import grouped
 from .nn import (
     DiffLinear,
     GatedParameter,
@@ -220,7 +221,23 @@ def diff_prune(model: nn.Module, *, l: float = -1.5, r: float = 1.5, beta: float
                 p.requires_grad_(True)
     if shared_gates:
         share_gates_per_forward(model, list(shared_gates.values()))
+    grouped.install(model, _gate_owners(model))
     return model
+
+
+def _gate_owners(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(DiffLinear, None) and (GatedParameter, its ParametrizationList) for every gate of the
+    model, once each, in module order: what dpkernels.grouped groups."""
+    owners, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, DiffLinear):
+            owners.append((module, None))
+        for plist in getattr(module, "parametrizations", {}).values():
+            for p in plist:
+                if isinstance(p, GatedParameter) and id(p) not in seen:
+                    seen.add(id(p))
+                    owners.append((p, plist))
+    return owners
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -236,7 +253,17 @@ def l0_penalty(model: nn.Module) -> torch.Tensor:
     if any(_is_sharded(t) for gt in gated for t in gt.trainable()):
         raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
                          "L0 gradient instead: diff_prune(model, l0_lambda=...)")
-    terms = [gt.expected_l0() for gt in gated]
+    # One term per (device, dtype, gate constants) for the L0 stage's unstructured tensors: the
+    # sigmoid of their log_alphas concatenated (a few ops, not a few per tensor); others per tensor.
+    flat: dict[tuple, list[torch.Tensor]] = {}
+    terms = []
+    for gt in gated:
+        if gt.fixed_mask or gt.group_log_alpha is not None:
+            terms.append(gt.expected_l0())
+        else:
+            flat.setdefault((gt.log_alpha.device, gt.log_alpha.dtype, gt.l, gt.r, gt.beta), []).append(gt.log_alpha)
+    for (_, _, l, r, beta), las in flat.items():
+        terms.append(torch.sigmoid(torch.cat([la.reshape(-1) for la in las]) - l0_shift(l, r, beta)).sum())
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
 
@@ -258,6 +285,9 @@ def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: f
     the penalty and the projection; it does not list these), and the gradient norms of w and
     log_alpha clipped separately (:func:`clip_grad_norms`). Empty groups are left out. A model
     without gated tensors is refused: its "dense" group would silently be full finetuning.
+    Hundreds of small tensors: step them with torch's multi-tensor path (``AdamW(groups,
+    foreach=True)``, what dpkernels' own loops do; on a CPU it gives the for-loop's result bit for
+    bit, tests/test_grouped.py), not the per-tensor loop torch defaults to on a CPU.
     """
     gated = [gt for _, _, gt in require_gated(model, " (it would be plain full finetuning)")]
     diff, gates = [], []
@@ -275,7 +305,9 @@ def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: f
 
 def clip_grad_norms(groups: Iterable[dict], max_norm: float) -> dict[str, float]:
     """Clip each parameter group's gradient norm separately (the paper's code clips w and
-    log_alpha apart, so the large log_alpha gradients do not swamp the diff's); returns the norms."""
+    log_alpha apart, so the large log_alpha gradients do not swamp the diff's); returns the norms.
+    torch's clip_grad_norm_ takes its multi-tensor path on CPU and CUDA tensors alike: one norm
+    reduction and one scaling per group and device/dtype, whatever the number of tensors."""
     return {g.get("name", str(i)): float(torch.nn.utils.clip_grad_norm_(g["params"], max_norm))
             for i, g in enumerate(groups)}
 

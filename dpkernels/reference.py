@@ -52,6 +52,9 @@ __all__ = [
     "expected_l0_grad",
     "gate_forward",
     "gate_backward",
+    "grouped_uniform",
+    "grouped_gate_forward",
+    "grouped_gate_backward",
     "gated_linear",
     "gated_linear_grad_input",
     "gated_linear_grad_weight",
@@ -286,6 +289,43 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
         if grad_log_alpha is not None:
             gla = grad_log_alpha.add_(gla)
         return gw, gla
+
+
+def grouped_uniform(seeds: torch.Tensor, owner: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The draws of a grouped gate pass over a flat buffer of several tensors: element i takes the
+    Philox draw (key ``seeds[owner[i]]``, counter ``counters[i]``), the one ``uniform(seed, ...)``
+    gives that element in its own tensor. ``seeds``: int64 (the unsigned seeds' bits); ``owner``:
+    int32/int64 indices into it; ``counters``: int64, non-negative."""
+    key = seeds.to(device=owner.device, dtype=torch.int64)[owner.to(torch.int64)]
+    zero = torch.zeros_like(counters)
+    word = philox_rounds(counters & _MASK32, (counters >> 32) & _MASK32, zero, zero, key & _MASK32,
+                         (key >> 32) & _MASK32)[0]
+    return word_to_uniform(word)
+
+
+def _grouped_gates_and_grad(log_alpha, seeds, owner, counters, training, l, r, beta):
+    if training:
+        return hard_concrete(log_alpha, grouped_uniform(seeds, owner, counters), l=l, r=r, beta=beta)
+    return eval_gates_and_grad(log_alpha, l=l, r=r)
+
+
+def grouped_gate_forward(log_alpha, seeds, owner, counters, training, l, r, beta, theta0, diff, out_dtype=None):
+    """:func:`gate_forward`'s effective weight for a flat buffer of several tensors, element i drawn
+    as in :func:`grouped_uniform` (eval gates when not training: seeds, owner, counters unused)."""
+    with torch.no_grad():
+        z, _ = _grouped_gates_and_grad(log_alpha, seeds, owner, counters, training, l, r, beta)
+        return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
+
+
+def grouped_gate_backward(g, diff, log_alpha, seeds, owner, counters, training, l, r, beta, l0_lambda=0.0):
+    """:func:`gate_backward` (fresh gradients) for a flat buffer drawn as in :func:`grouped_uniform`."""
+    with torch.no_grad():
+        z, dz = _grouped_gates_and_grad(log_alpha, seeds, owner, counters, training, l, r, beta)
+        g = g.to(diff.dtype)
+        gla = g * diff * dz
+        if l0_lambda:
+            gla = gla + l0_lambda * expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
+        return g * z, gla
 
 
 def gated_linear(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta):

@@ -108,7 +108,7 @@ class DiffPruningTrainer(Trainer):
         if self.optimizer is None:
             groups = optimizer_groups(self.model, weight_decay=self.args.weight_decay, **self.group_lrs)
             self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                               eps=self.args.adam_epsilon)
+                                               eps=self.args.adam_epsilon, foreach=True)
         return self.optimizer
 
     def log(self, logs: dict, *args, **kwargs) -> None:

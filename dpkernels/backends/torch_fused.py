@@ -102,8 +102,23 @@ def _backward_eval(g, diff, la, l: float, r: float, l0_lambda: float, l0_shift: 
     return _route(g, diff, la, *reference.eval_gates_and_grad(la, l=l, r=r), l0_lambda, l0_shift)
 
 
+def _grouped_gates_train(la, seeds, owner, counters, l: float, r: float, beta: float):
+    return reference.hard_concrete(la, reference.grouped_uniform(seeds, owner, counters), l=l, r=r, beta=beta)
+
+
+def _grouped_keep_train(la, theta0, diff, seeds, owner, counters, l: float, r: float, beta: float):
+    z, dz = reference.hard_concrete(la, reference.grouped_uniform(seeds, owner, counters), l=l, r=r, beta=beta)
+    return theta0.to(diff.dtype) + z * diff, z, dz
+
+
+def _route_kept(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
+    return _route(g, diff, la, z, dz, l0_lambda, l0_shift)
+
+
 MODES = {("z", True): _z_train, ("z", False): _z_eval, ("apply", True): _apply_train, ("apply", False): _apply_eval,
-         ("backward", True): _backward_train, ("backward", False): _backward_eval}  # (pass, training) -> function
+         ("backward", True): _backward_train, ("backward", False): _backward_eval,
+         ("grouped_gates", True): _grouped_gates_train, ("grouped_keep", True): _grouped_keep_train,
+         ("route_kept", True): _route_kept}  # (pass, training) -> function
 _compiled: dict[tuple[str, bool], object] = {}
 
 
@@ -127,17 +142,21 @@ def _import_cpp_extension_quietly() -> None:
         logger.setLevel(level)
 
 
-def _run_fused(kind: str, tensors, training, seed, offset, l, r, beta, extra=()):
+def _gate_args(training, seed, offset, l, r, beta) -> tuple:
+    """The gate arguments of a MODES function: the Philox key tensors and beta when training."""
+    return (*_key_tensors(seed, offset), float(l), float(r), float(beta)) if training else (float(l), float(r))
+
+
+def _run_fused(kind: str, tensors, training, gates: tuple, extra=()):
     """MODES[kind, training] compiled, on flat detached tensors (so requires_grad is no guard),
-    without autocast (elementwise fp32 math; the caller rounds to its dtype); the training modes
-    also take the Philox key tensors and beta. None if compiling failed."""
+    without autocast (elementwise fp32 math; the caller rounds to its dtype), then ``gates`` (see
+    _gate_args) and ``extra``. None if compiling failed."""
     global _disabled_reason, fused_calls
     mode = (kind, bool(training))
     if mode not in _compiled:
         _import_cpp_extension_quietly()
         _compiled[mode] = torch.compile(MODES[mode], dynamic=True)
     flat = [t.detach().reshape(-1) for t in tensors]
-    gates = (*_key_tensors(seed, offset), float(l), float(r), float(beta)) if training else (float(l), float(r))
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             out = _compiled[mode](*flat, *gates, *extra)
@@ -154,9 +173,10 @@ def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, dif
     """reference.gate_forward, fused for large CPU tensors."""
     if _use_fused(log_alpha):
         if theta0 is None:
-            out = _run_fused("z", [log_alpha], training, seed, offset, l, r, beta)
+            out = _run_fused("z", [log_alpha], training, _gate_args(training, seed, offset, l, r, beta))
         else:
-            out = _run_fused("apply", [log_alpha, theta0, diff], training, seed, offset, l, r, beta)
+            gates = _gate_args(training, seed, offset, l, r, beta)
+            out = _run_fused("apply", [log_alpha, theta0, diff], training, gates)
             if out is not None:
                 out = out.to(out_dtype or theta0.dtype)  # the fp32 sum, rounded once
         if out is not None:
@@ -169,7 +189,7 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
                   grad_log_alpha=None):
     """reference.gate_backward, fused for large CPU tensors."""
     if _use_fused(log_alpha) and diff.dtype == torch.float32:
-        out = _run_fused("backward", [g, diff, log_alpha], training, seed, offset, l, r, beta,
+        out = _run_fused("backward", [g, diff, log_alpha], training, _gate_args(training, seed, offset, l, r, beta),
                          extra=(float(l0_lambda), reference.l0_shift(l, r, beta)))
         if out is not None:
             gw, gla = (t.reshape(log_alpha.shape) for t in out)
@@ -181,6 +201,56 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
             return gw, gla
     return _eager_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda, grad_diff=grad_diff,
                            grad_log_alpha=grad_log_alpha)
+
+
+def grouped_gate_forward_keep(log_alpha, seeds, owner, counters, l, r, beta, theta0, diff, out_dtype=None):
+    """(theta0 + z * diff, z, dz/dlog_alpha) of a grouped training pass (draws as
+    reference.grouped_uniform), fused for large CPU buffers. On a CPU the Philox emulation is most
+    of a gate pass, so dpkernels.grouped keeps z and dz (the grouped tensors are small) and routes
+    the backward with :func:`gate_backward_kept`, without a second draw."""
+    if _use_fused(log_alpha):
+        out = _run_fused("grouped_keep", [log_alpha, theta0, diff], True,
+                         (seeds, owner, counters, float(l), float(r), float(beta)))
+        if out is not None:
+            return out[0].to(out_dtype or theta0.dtype), out[1], out[2]
+    with torch.no_grad():
+        z, dz = reference._grouped_gates_and_grad(log_alpha, seeds, owner, counters, True, l, r, beta)
+        return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype), z, dz
+
+
+def gate_backward_kept(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda=0.0):
+    """reference.gate_backward's (grad_diff, grad_log_alpha) from gates kept by the forward."""
+    if _use_fused(log_alpha) and diff.dtype == torch.float32:
+        out = _run_fused("route_kept", [g, diff, log_alpha, z, dz], True, (),
+                         extra=(float(l0_lambda), reference.l0_shift(l, r, beta)))
+        if out is not None:
+            return out
+    with torch.no_grad():
+        g = g.to(diff.dtype)
+        gla = g * diff * dz
+        if l0_lambda:
+            gla = gla + l0_lambda * reference.expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
+        return g * z, gla
+
+
+def grouped_gate_forward(log_alpha, seeds, owner, counters, training, l, r, beta, theta0, diff, out_dtype=None):
+    """reference.grouped_gate_forward, fused for large CPU buffers (eval gates: gate_forward's)."""
+    if not training:
+        return gate_forward(log_alpha, 0, 0, False, l, r, beta, theta0=theta0, diff=diff, out_dtype=out_dtype)
+    return grouped_gate_forward_keep(log_alpha, seeds, owner, counters, l, r, beta, theta0, diff, out_dtype)[0]
+
+
+def grouped_gate_backward(g, diff, log_alpha, seeds, owner, counters, training, l, r, beta, l0_lambda=0.0):
+    """reference.grouped_gate_backward, fused for large CPU buffers (eval gates: gate_backward's)."""
+    if not training:
+        return gate_backward(g, diff, log_alpha, 0, 0, False, l, r, beta, l0_lambda)
+    gates = None
+    if _use_fused(log_alpha) and diff.dtype == torch.float32:
+        gates = _run_fused("grouped_gates", [log_alpha], True,
+                           (seeds, owner, counters, float(l), float(r), float(beta)))
+    if gates is None:
+        return reference.grouped_gate_backward(g, diff, log_alpha, seeds, owner, counters, True, l, r, beta, l0_lambda)
+    return gate_backward_kept(g, diff, log_alpha, *gates, l, r, beta, l0_lambda)
 
 
 def sddmm(grad_y: torch.Tensor, x: torch.Tensor, index: torch.Tensor, in_features: int) -> torch.Tensor:

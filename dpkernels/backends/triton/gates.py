@@ -278,3 +278,74 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
             BLOCK=_BLOCK, num_warps=_NUM_WARPS,
         )
     return grad_diff, grad_log_alpha
+
+
+# Grouped passes: one launch over a flat buffer holding several gated tensors, element i drawn at
+# (key SEEDS[OWNER[i]], counter COUNTERS[i]) -- the draw it has in its own tensor (see
+# dpkernels.grouped). Training only; eval gates take no draw and use the kernels above.
+@triton.jit
+def _grouped_draw(SEEDS_ptr, OWNER_ptr, COUNTER_ptr, idx, mask):
+    seed = tl.load(SEEDS_ptr + tl.load(OWNER_ptr + idx, mask=mask, other=0), mask=mask, other=0)
+    return seed, tl.load(COUNTER_ptr + idx, mask=mask, other=0)
+
+
+@triton.jit
+def _grouped_gate_forward_kernel(LA_ptr, THETA0_ptr, DIFF_ptr, OUT_ptr, SEEDS_ptr, OWNER_ptr, COUNTER_ptr, n, l, r,
+                                 beta, BETA_ONE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    seed, counter = _grouped_draw(SEEDS_ptr, OWNER_ptr, COUNTER_ptr, idx, mask)
+    la = tl.load(LA_ptr + idx, mask=mask, other=0.0)
+    z, _ = _hard_concrete(la, seed, counter, l, r, beta, True, BETA_ONE)
+    theta0 = tl.load(THETA0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(DIFF_ptr + idx, mask=mask, other=0.0)
+    tl.store(OUT_ptr + idx, (theta0 + z * w).to(OUT_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_gate_backward_kernel(G_ptr, DIFF_ptr, LA_ptr, GRAD_DIFF_ptr, GRAD_LA_ptr, SEEDS_ptr, OWNER_ptr,
+                                  COUNTER_ptr, n, l, r, beta, l0_lambda, l0_shift, BETA_ONE: tl.constexpr,
+                                  HAS_L0: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    seed, counter = _grouped_draw(SEEDS_ptr, OWNER_ptr, COUNTER_ptr, idx, mask)
+    g = tl.load(G_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(DIFF_ptr + idx, mask=mask, other=0.0)
+    la = tl.load(LA_ptr + idx, mask=mask, other=0.0)
+    z, dz = _hard_concrete(la, seed, counter, l, r, beta, True, BETA_ONE)
+    grad_la = g * w * dz
+    if HAS_L0:
+        grad_la += l0_lambda * _l0_grad(la, l0_shift)
+    tl.store(GRAD_DIFF_ptr + idx, g * z, mask=mask)
+    tl.store(GRAD_LA_ptr + idx, grad_la, mask=mask)
+
+
+@on_tensor_device
+def grouped_gate_forward(log_alpha, seeds, owner, counters, training, l, r, beta, theta0, diff, out_dtype=None):
+    """Launcher: theta0 + z * diff over a flat buffer of several tensors (1-D, contiguous)."""
+    if not training:
+        return gate_forward(log_alpha, 0, 0, False, l, r, beta, theta0=theta0, diff=diff, out_dtype=out_dtype)
+    out = torch.empty(log_alpha.shape, dtype=out_dtype or theta0.dtype, device=log_alpha.device)
+    n = log_alpha.numel()
+    if n:
+        seeds = seeds.to(log_alpha.device, non_blocking=True)
+        _grouped_gate_forward_kernel[_grid(n)](
+            log_alpha, theta0, diff, out, seeds, owner, counters, n, float(l), float(r), float(beta),
+            BETA_ONE=float(beta) == 1.0, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    return out
+
+
+@on_tensor_device
+def grouped_gate_backward(g, diff, log_alpha, seeds, owner, counters, training, l, r, beta, l0_lambda=0.0):
+    """Launcher: fresh (grad_diff, grad_log_alpha) over a flat buffer of several tensors."""
+    if not training:
+        return gate_backward(g, diff, log_alpha, 0, 0, False, l, r, beta, l0_lambda)
+    grad_diff, grad_log_alpha = torch.empty_like(diff), torch.empty_like(log_alpha)
+    n = log_alpha.numel()
+    if n:
+        seeds = seeds.to(log_alpha.device, non_blocking=True)
+        _grouped_gate_backward_kernel[_grid(n)](
+            g, diff, log_alpha, grad_diff, grad_log_alpha, seeds, owner, counters, n, float(l), float(r), float(beta),
+            float(l0_lambda), _l0_shift(l, r, beta), BETA_ONE=float(beta) == 1.0, HAS_L0=bool(l0_lambda),
+            BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    return grad_diff, grad_log_alpha

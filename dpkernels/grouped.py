@@ -1,0 +1,257 @@
+"""Grouped gating: one gate pass per model forward (and one routing pass per backward) for the
+small gated tensors of a diff-pruned model, instead of one or two per tensor.
+
+A diff-pruned transformer has hundreds of small gated tensors (biases, LayerNorm weights, position
+embeddings; on a CPU also small Linear weights); drawn one by one, their gates cost hundreds of
+ATen ops each on a CPU (the eager Philox) and two launches plus autograd nodes each on a GPU,
+which dominated the L0 stage's step. :func:`install` (called by ``diff_prune``) gives the model a
+forward pre-hook that, per group, concatenates the members' theta0 (cached), diff and log_alpha
+into flat buffers and runs one ``grouped_gate_forward`` pass; each member's effective tensor
+theta0 + z * diff is a view of its output, which the module then uses instead of its own pass.
+The backward is one ``grouped_gate_backward`` pass, split back into every member's gradients.
+Parameters stay per tensor (state_dict, optimizers, SparseDiff, checkpoints are unchanged).
+
+Members: an L0-stage, unstructured tensor with at most :data:`GROUP_MAX_NUMEL` elements (a
+DiffLinear's weight -- then also its bias -- or bias; a GatedParameter), not sharded (FSDP2
+DTensors stay per tensor). A group: the members of one (device, dtype, gate constants, fused
+l0_lambda, train/eval mode).
+
+Draws: every member keeps the draw it has per tensor. Each seed owner (a DiffLinear or a
+GatedParameter) gets one seed per model forward from torch's default CPU generator, all of a
+group's in one ``torch.randint``, in module order; the owner's ``last_seed`` / ``seed`` holds it,
+and its tensors' gates are ``sample_gates(log_alpha, seed, offset=o)`` with o = 0 for a weight or
+a GatedParameter and o = weight.numel() for a DiffLinear's bias, as without grouping (only which
+seed each forward gets changes). A grouped tensor's gates are those of the model forward; a
+module called on its own, outside one, draws and applies its gates per tensor, as before. Under
+torch.compile the hook does nothing (every module takes its per-tensor custom ops).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import ops, reference
+from .backends import BackendUnavailable, select
+
+GROUP_MAX_NUMEL = 1 << 16  # larger tensors keep their own pass (a GPU DiffLinear weight: its fused GEMM)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward (a checkpointed block recomputing its forward
+    there must reuse the model forward's gates). torch.utils.checkpoint asks the same question."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class _Member:
+    """One grouped tensor: its owner (seed holder), the owner's attribute prefix, theta0, and its
+    Philox counter base in the owner's draws."""
+
+    __slots__ = ("owner", "prefix", "theta0", "diff", "log_alpha", "counter0")
+
+    def __init__(self, owner, prefix, theta0, diff, log_alpha, counter0):
+        self.owner, self.prefix, self.theta0, self.diff, self.log_alpha = owner, prefix, theta0, diff, log_alpha
+        self.counter0 = counter0
+
+
+class _Layout:
+    """A group's fixed part, rebuilt only when its members or their bases change: the members, the
+    seed owners, theta0 concatenated, each element's owner index and Philox counter."""
+
+    def __init__(self, members: list[_Member]):
+        self.members = members
+        self.owners = list(dict.fromkeys(m.owner for m in members))
+        first = members[0]
+        self.training = first.owner.training
+        self.l, self.r, self.beta = first.owner.l, first.owner.r, first.owner.beta
+        self.l0_lambda = first.owner.l0_lambda
+        self.sizes = [m.diff.numel() for m in members]
+        self.shapes = [m.diff.shape for m in members]
+        device = first.diff.device
+        with torch.no_grad():
+            self.theta0 = torch.cat([m.theta0.detach().reshape(-1) for m in members])
+        index = {id(o): i for i, o in enumerate(self.owners)}
+        self.owner_index = torch.cat([torch.full((n,), index[id(m.owner)], dtype=torch.int32)
+                                      for m, n in zip(members, self.sizes, strict=True)]).to(device)
+        self.counters = torch.cat([torch.arange(n, dtype=torch.int64) + m.counter0
+                                   for m, n in zip(members, self.sizes, strict=True)]).to(device)
+
+
+class _GroupedGateApply(torch.autograd.Function):
+    """Every member's theta0 + z * diff from one pass; one routing pass backward.
+
+    The intermediates are kept as ctx attributes, not saved tensors (which autograd frees after
+    the first backward through the node): under reentrant checkpointing the recomputed block's
+    backward runs this node for the members used inside the block, and the outer backward runs it
+    again for the rest. The routing is linear in the gradients, so the calls add up; the fused L0
+    gradient is added once per member (``l0_due``)."""
+
+    @staticmethod
+    def forward(ctx, layout: _Layout, backend, seeds, *params):
+        n = len(layout.members)
+        diff = torch.cat([p.reshape(-1) for p in params[:n]])
+        log_alpha = torch.cat([p.reshape(-1) for p in params[n:]])
+        if ops._finite_check_default():
+            ops.check_finite("log_alpha", log_alpha)
+        ctx.layout, ctx.backend, ctx.diff, ctx.log_alpha, ctx.seeds = layout, backend, diff, log_alpha, seeds
+        ctx.gates = None
+        ctx.l0_due = [bool(layout.l0_lambda)] * n
+        if layout.training and log_alpha.device.type == "cpu" and hasattr(backend, "grouped_gate_forward_keep"):
+            # CPU: draw once, keep z and dz/dlog_alpha for the backward (the draw is most of a pass)
+            out, *ctx.gates = backend.grouped_gate_forward_keep(log_alpha, seeds, layout.owner_index, layout.counters,
+                                                                layout.l, layout.r, layout.beta, layout.theta0, diff,
+                                                                layout.theta0.dtype)
+        else:
+            out = backend.grouped_gate_forward(log_alpha, seeds, layout.owner_index, layout.counters,
+                                               layout.training, layout.l, layout.r, layout.beta, layout.theta0, diff,
+                                               layout.theta0.dtype)
+        return tuple(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True))
+
+    @staticmethod
+    @once_differentiable  # no second derivative: a gradient penalty raises instead of being wrong
+    def backward(ctx, *grads):
+        layout, diff, log_alpha = ctx.layout, ctx.diff, ctx.log_alpha
+        used = [g is not None for g in grads]
+        flat = torch.cat([g.reshape(-1) if g is not None else diff.new_zeros(n)
+                          for g, n in zip(grads, layout.sizes, strict=True)])
+        # The fused L0 gradient in the pass when every member with a gradient still owes it (always,
+        # but under reentrant checkpointing); else added below to those that do.
+        owed = [u and due for u, due in zip(used, ctx.l0_due, strict=True)]
+        in_pass = all(due for u, due in zip(used, ctx.l0_due, strict=True) if u)
+        l0_lambda = layout.l0_lambda if in_pass else 0.0
+        if ctx.gates is not None:  # the gates kept by the forward
+            grad_diff, grad_la = ctx.backend.gate_backward_kept(flat, diff, log_alpha, *ctx.gates, layout.l, layout.r,
+                                                                layout.beta, l0_lambda)
+        else:
+            grad_diff, grad_la = ctx.backend.grouped_gate_backward(
+                flat, diff, log_alpha, ctx.seeds, layout.owner_index, layout.counters, layout.training, layout.l,
+                layout.r, layout.beta, l0_lambda)
+        pieces = [list(t.split(layout.sizes)) for t in (grad_diff, grad_la)]
+        if not in_pass:
+            for i in (i for i, o in enumerate(owed) if o):
+                pieces[1][i] = pieces[1][i] + layout.l0_lambda * reference.expected_l0_grad(
+                    log_alpha.split(layout.sizes)[i], l=layout.l, r=layout.r, beta=layout.beta)
+        ctx.l0_due = [due and not u for u, due in zip(used, ctx.l0_due, strict=True)]
+        # A member whose effective tensor took no part in the loss gets no gradient (as per tensor).
+        out = [[p.view(shape) if u else None for p, shape, u in zip(part, layout.shapes, used, strict=True)]
+               for part in pieces]
+        return (None, None, None, *out[0], *out[1])
+
+
+class GateGroups:
+    """The groups of one diff-pruned model (kept on it as ``_dpkernels_gate_groups``)."""
+
+    def __init__(self, owners: list[tuple[nn.Module, object]]):
+        # (DiffLinear, None) or (GatedParameter, its ParametrizationList: theta0 is its ``original``)
+        self.owners = owners
+        self.enabled = True
+        self.active = False  # inside the model's forward
+        self._layouts: dict[tuple, tuple[tuple, _Layout]] = {}  # group key -> (members' signature, layout)
+
+    def _members(self) -> dict[tuple, list[_Member]]:
+        groups: dict[tuple, list[_Member]] = {}
+        for owner, plist in self.owners:
+            params = owner._parameters  # (read directly: nn.Module.__getattr__ costs ~1 us a call)
+            if owner.structured or owner._buffers.get("diff_index") is not None or params.get("diff") is None:
+                continue
+            if plist is None:  # a DiffLinear: its weight (then its bias too) or its bias alone
+                weight, bias = params["weight"], params.get("bias")
+                found = [("", weight, 0), ("bias_", bias, weight.numel())]
+                found = [f for f in found if f[1] is not None and params.get(f[0] + "diff") is not None
+                         and f[1].numel() <= GROUP_MAX_NUMEL]
+            else:
+                found = [("", plist.original, 0)] if owner.numel <= GROUP_MAX_NUMEL else []
+            for prefix, theta0, counter0 in found:
+                diff, la = params[prefix + "diff"], params[prefix + "log_alpha"]
+                if _is_dtensor(diff) or _is_dtensor(theta0):
+                    continue
+                key = (diff.device, diff.dtype, theta0.dtype, owner.l, owner.r, owner.beta, owner.l0_lambda,
+                       owner.training)
+                groups.setdefault(key, []).append(_Member(owner, prefix, theta0, diff, la, counter0))
+        return groups
+
+    def _layout(self, key, members: list[_Member]) -> _Layout:
+        # Rebuilt when a member, a parameter object or a base's data (pointer or version) changed.
+        signature = tuple((id(m.owner), m.prefix, id(m.diff), id(m.log_alpha), m.theta0.data_ptr(),
+                           m.theta0._version, m.diff.data_ptr()) for m in members)
+        cached = self._layouts.get(key)
+        if cached is None or cached[0] != signature:
+            cached = self._layouts[key] = (signature, _Layout(members))
+        return cached[1]
+
+    def begin(self) -> None:
+        """At the model forward's start: every group's gates, one pass each."""
+        self.clear()
+        if not self.enabled or torch.compiler.is_compiling():
+            return
+        groups = self._members()
+        self._layouts = {key: cached for key, cached in self._layouts.items() if key in groups}
+        for key, members in groups.items():
+            try:
+                backend = select("grouped_gate_apply", key[0], key[1], primitive="grouped_gate_forward")
+            except BackendUnavailable:
+                continue  # (an explicit DPKERNELS_BACKEND without grouped kernels): per tensor
+            layout = self._layout(key, members)
+            seeds = None
+            if layout.training:
+                seeds = torch.randint(0, (1 << 63) - 1, (len(layout.owners),), dtype=torch.int64)
+                for owner, seed in zip(layout.owners, seeds.unbind(), strict=True):
+                    owner.__dict__["_seed"] = seed  # plain attributes: skip nn.Module.__setattr__
+                    if "seed" in owner.__dict__:  # a GatedParameter
+                        owner.__dict__["seed"] = seed
+            else:
+                seeds = torch.zeros(1, dtype=torch.int64)
+            params = [m.diff for m in members] + [m.log_alpha for m in members]
+            effective = _GroupedGateApply.apply(layout, backend, seeds, *params)
+            for m, eff in zip(members, effective, strict=True):
+                m.owner.__dict__["_grouped"][m.prefix] = eff
+        self.active = True
+
+    def end(self) -> None:
+        self.active = False  # the effective tensors stay for a checkpointed block's recompute
+
+    def clear(self) -> None:
+        for owner, _ in self.owners:
+            if owner.__dict__["_grouped"]:
+                owner.__dict__["_grouped"] = {}
+
+
+def effective(owner, prefix: str) -> torch.Tensor | None:
+    """The grouped effective tensor of ``owner``'s ``prefix`` tensor for this forward, or None (then
+    the module runs its own pass): inside the model forward, or a checkpointed block's recompute."""
+    eff = owner._grouped.get(prefix) if owner._grouped else None
+    if eff is None:
+        return None
+    groups = owner._group_of
+    if groups is not None and (groups.active or _in_backward()):
+        return eff
+    return None
+
+
+def install(model: nn.Module, owners: list[tuple[nn.Module, object]]) -> GateGroups:
+    """Group the gates of ``owners`` (see GateGroups) for every forward of ``model``."""
+    groups = GateGroups(owners)
+    for owner, _ in owners:
+        owner._group_of = groups
+    model._dpkernels_gate_groups = groups
+    model.register_forward_pre_hook(_begin)
+    model.register_forward_hook(_end, always_call=True)
+    return groups
+
+
+def _begin(model: nn.Module, _inputs) -> None:
+    model._dpkernels_gate_groups.begin()
+
+
+def _end(model: nn.Module, _inputs, _output) -> None:
+    model._dpkernels_gate_groups.end()
