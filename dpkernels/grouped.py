@@ -12,18 +12,26 @@ The backward is one ``grouped_gate_backward`` pass, split back into every member
 Parameters stay per tensor (state_dict, optimizers, SparseDiff, checkpoints are unchanged).
 
 Members: an L0-stage, unstructured tensor with at most :data:`GROUP_MAX_NUMEL` elements (a
-DiffLinear's weight -- then also its bias -- or bias; a GatedParameter), not sharded (FSDP2
-DTensors stay per tensor). A group: the members of one (device, dtype, gate constants, fused
-l0_lambda, train/eval mode).
+DiffLinear's weight -- then also its bias -- or bias; a GatedParameter). A group: the members of
+one (device, dtype, gate constants, fused l0_lambda, train/eval mode). Per tensor still: the
+structured variant, the fixed-mask stage, larger tensors, a model sharded by FSDP2 (its hooks swap
+the parameters) and any DTensor, and backends without grouped kernels (the CUDA extension: an
+explicit ``DPKERNELS_BACKEND=cuda``; ``auto`` takes Triton on GPUs).
 
-Draws: every member keeps the draw it has per tensor. Each seed owner (a DiffLinear or a
-GatedParameter) gets one seed per model forward from torch's default CPU generator, all of a
-group's in one ``torch.randint``, in module order; the owner's ``last_seed`` / ``seed`` holds it,
-and its tensors' gates are ``sample_gates(log_alpha, seed, offset=o)`` with o = 0 for a weight or
-a GatedParameter and o = weight.numel() for a DiffLinear's bias, as without grouping (only which
-seed each forward gets changes). A grouped tensor's gates are those of the model forward; a
-module called on its own, outside one, draws and applies its gates per tensor, as before. Under
-torch.compile the hook does nothing (every module takes its per-tensor custom ops).
+Checkpointing: the seeds and effective tensors stay on their modules until the next model
+forward, so a checkpointed block recomputing its forward during the backward reads the same
+gates, grouped or per tensor (non-reentrant and reentrant alike; tests/test_grouped.py). Memory: the flat diff/log_alpha copies (and on a CPU
+the kept z and dz) of the grouped tensors, i.e. a few bytes per small gated element.
+
+Draws: every tensor keeps the draw it has per tensor; only where its seed comes from changes. At
+the start of each training forward the model draws one seed per gate owner (a DiffLinear or a
+GatedParameter) from torch's default CPU generator, all in one ``torch.randint``, in module order
+(``model.modules()``), grouped or not, eagerly and under torch.compile alike (where the traced
+modules then run their per-tensor custom ops with those seeds: the same gates). The owner's
+``last_seed`` / ``seed`` holds it, and its tensors' gates are ``sample_gates(log_alpha, seed,
+offset=o)`` with o = 0 for a weight or a GatedParameter and o = weight.numel() for a DiffLinear's
+bias, as before. A module called on its own, outside a forward of the model, draws its own seed
+and applies its gates per tensor, as before.
 """
 
 from __future__ import annotations
@@ -46,6 +54,16 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def _fsdp_sharded(model: nn.Module) -> bool:
+    """FSDP2 swaps a sharded module's parameters in its own pre-forward hooks: such a model's gates
+    run per tensor (its sharded DTensors cannot be concatenated anyway)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support, or before FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward (a checkpointed block recomputing its forward
     there must reuse the model forward's gates). torch.utils.checkpoint asks the same question."""
@@ -65,12 +83,12 @@ class _Member:
 
 
 class _Layout:
-    """A group's fixed part, rebuilt only when its members or their bases change: the members, the
-    seed owners, theta0 concatenated, each element's owner index and Philox counter."""
+    """A group's fixed part, rebuilt only when its members or their bases change: the members,
+    theta0 concatenated, each element's owner (its position among the model's gate owners, whose
+    seeds the forward draws) and Philox counter."""
 
-    def __init__(self, members: list[_Member]):
+    def __init__(self, members: list[_Member], position: dict[int, int]):
         self.members = members
-        self.owners = list(dict.fromkeys(m.owner for m in members))
         first = members[0]
         self.training = first.owner.training
         self.l, self.r, self.beta = first.owner.l, first.owner.r, first.owner.beta
@@ -80,8 +98,7 @@ class _Layout:
         device = first.diff.device
         with torch.no_grad():
             self.theta0 = torch.cat([m.theta0.detach().reshape(-1) for m in members])
-        index = {id(o): i for i, o in enumerate(self.owners)}
-        self.owner_index = torch.cat([torch.full((n,), index[id(m.owner)], dtype=torch.int32)
+        self.owner_index = torch.cat([torch.full((n,), position[id(m.owner)], dtype=torch.int32)
                                       for m, n in zip(members, self.sizes, strict=True)]).to(device)
         self.counters = torch.cat([torch.arange(n, dtype=torch.int64) + m.counter0
                                    for m, n in zip(members, self.sizes, strict=True)]).to(device)
@@ -156,6 +173,7 @@ class GateGroups:
         self.owners = owners
         self.enabled = True
         self.active = False  # inside the model's forward
+        self._no_seeds = torch.zeros(1, dtype=torch.int64)  # (eval gates take no draw)
         self._layouts: dict[tuple, tuple[tuple, _Layout]] = {}  # group key -> (members' signature, layout)
 
     def _members(self) -> dict[tuple, list[_Member]]:
@@ -186,13 +204,29 @@ class GateGroups:
                            m.theta0._version, m.diff.data_ptr()) for m in members)
         cached = self._layouts.get(key)
         if cached is None or cached[0] != signature:
-            cached = self._layouts[key] = (signature, _Layout(members))
+            position = {id(owner): i for i, (owner, _) in enumerate(self.owners)}
+            cached = self._layouts[key] = (signature, _Layout(members, position))
         return cached[1]
 
-    def begin(self) -> None:
-        """At the model forward's start: every group's gates, one pass each."""
-        self.clear()
-        if not self.enabled or torch.compiler.is_compiling():
+    def begin(self, model: nn.Module) -> None:
+        """At the model forward's start: one seed per gate owner, then every group's gates, one pass each."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self.clear()
+        if not self.enabled or _fsdp_sharded(model):
+            return
+        seeds = None
+        if model.training:
+            # Every owner's seed at once, grouped or not, also under torch.compile (whose traced
+            # modules then run their per-tensor custom ops with these seeds: the same gates).
+            seeds = torch.randint(0, (1 << 63) - 1, (len(self.owners),), dtype=torch.int64)
+            for (owner, _), seed in zip(self.owners, seeds.unbind(), strict=True):
+                _set(owner, "_seed", seed, compiling)
+                if "seed" in owner.__dict__:  # a GatedParameter
+                    _set(owner, "seed", seed, compiling)
+                _set(owner, "_seed_given", True, compiling)
+        self.active = True
+        if compiling:
             return
         groups = self._members()
         self._layouts = {key: cached for key, cached in self._layouts.items() if key in groups}
@@ -202,40 +236,55 @@ class GateGroups:
             except BackendUnavailable:
                 continue  # (an explicit DPKERNELS_BACKEND without grouped kernels): per tensor
             layout = self._layout(key, members)
-            seeds = None
-            if layout.training:
-                seeds = torch.randint(0, (1 << 63) - 1, (len(layout.owners),), dtype=torch.int64)
-                for owner, seed in zip(layout.owners, seeds.unbind(), strict=True):
-                    owner.__dict__["_seed"] = seed  # plain attributes: skip nn.Module.__setattr__
-                    if "seed" in owner.__dict__:  # a GatedParameter
-                        owner.__dict__["seed"] = seed
-            else:
-                seeds = torch.zeros(1, dtype=torch.int64)
+            if layout.training and seeds is None:
+                continue  # (a module in training mode inside a model in eval mode): per tensor
             params = [m.diff for m in members] + [m.log_alpha for m in members]
-            effective = _GroupedGateApply.apply(layout, backend, seeds, *params)
+            effective = _GroupedGateApply.apply(layout, backend, seeds if layout.training else self._no_seeds,
+                                                *params)
             for m, eff in zip(members, effective, strict=True):
                 m.owner.__dict__["_grouped"][m.prefix] = eff
-        self.active = True
 
     def end(self) -> None:
-        self.active = False  # the effective tensors stay for a checkpointed block's recompute
+        self.active = False  # the seeds and effective tensors stay for a checkpointed block's recompute
 
     def clear(self) -> None:
         for owner, _ in self.owners:
-            if owner.__dict__["_grouped"]:
-                owner.__dict__["_grouped"] = {}
+            d = owner.__dict__
+            if d["_grouped"]:
+                d["_grouped"] = {}
+            d["_seed_given"] = False
+
+
+def _set(owner: nn.Module, name: str, value, compiling: bool) -> None:
+    if compiling:
+        setattr(owner, name, value)  # (traced by dynamo)
+    else:
+        owner.__dict__[name] = value  # plain attributes: skip nn.Module.__setattr__, ~1 us a call
+
+
+def _current(owner) -> bool:
+    """Whether the model forward in progress (or the one a checkpointed block is recomputing in the
+    backward) gave ``owner`` its seed and gates."""
+    groups = owner._group_of
+    if groups is None:
+        return False
+    if groups.active:
+        return True
+    return not torch.compiler.is_compiling() and _in_backward()
+
+
+def seed_given(owner) -> bool:
+    """True when ``owner`` must use the seed the model forward gave it instead of drawing one."""
+    return owner.__dict__.get("_seed_given", False) and _current(owner)
 
 
 def effective(owner, prefix: str) -> torch.Tensor | None:
     """The grouped effective tensor of ``owner``'s ``prefix`` tensor for this forward, or None (then
     the module runs its own pass): inside the model forward, or a checkpointed block's recompute."""
     eff = owner._grouped.get(prefix) if owner._grouped else None
-    if eff is None:
+    if eff is None or torch.compiler.is_compiling() or not _current(owner):
         return None
-    groups = owner._group_of
-    if groups is not None and (groups.active or _in_backward()):
-        return eff
-    return None
+    return eff
 
 
 def install(model: nn.Module, owners: list[tuple[nn.Module, object]]) -> GateGroups:
@@ -250,7 +299,7 @@ def install(model: nn.Module, owners: list[tuple[nn.Module, object]]) -> GateGro
 
 
 def _begin(model: nn.Module, _inputs) -> None:
-    model._dpkernels_gate_groups.begin()
+    model._dpkernels_gate_groups.begin(model)
 
 
 def _end(model: nn.Module, _inputs, _output) -> None:

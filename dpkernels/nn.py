@@ -105,6 +105,7 @@ class _GatedModule(nn.Module):
         self._seed: torch.Tensor | None = None
         self._group_of = None  # the model's grouped.GateGroups, when diff_prune grouped this module's gates
         self._grouped: dict[str, torch.Tensor] = {}  # prefix -> effective tensor of the model forward
+        self._seed_given = False  # _seed drawn by the model forward (grouped.seed_given)
         ops.preload_backends()  # before any torch.compile trace, which cannot import them
 
     _BASE_NAMES: tuple[str, ...] = ()  # the frozen base parameters held here (DiffLinear's weight, bias)
@@ -150,7 +151,8 @@ class _GatedModule(nn.Module):
         tensor (no device sync, and no graph break or recompilation under torch.compile)."""
         if not self.training:
             return None
-        self._seed = torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64)
+        if not grouped.seed_given(self):  # (the model forward's seed, see dpkernels.grouped)
+            self._seed = torch.randint(0, (1 << 63) - 1, (), dtype=torch.int64)
         return self._seed
 
     @property
@@ -465,9 +467,8 @@ def _draw_gate_seeds(module: nn.Module, _inputs) -> None:
         for p in plist:
             # A shared gate inside the model's forward already has that forward's seed; a module
             # holding it called on its own draws a fresh one, as for any other gate.
-            # A grouped gate has its seed from the model forward's grouped pass.
-            if (isinstance(p, GatedParameter) and p.training and not p.in_model_forward
-                    and grouped.effective(p, "") is None):
+            # A gate of a diff-pruned model's forward has the seed that forward gave it.
+            if isinstance(p, GatedParameter) and p.training and not p.in_model_forward and not grouped.seed_given(p):
                 p.draw_seed()
 
 

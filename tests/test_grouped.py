@@ -9,6 +9,7 @@ l0_penalty a few ops); and that the ATen ops a step spends on its gates do not g
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from dpkernels import nn as dnn
 from dpkernels import reference as ref
 from dpkernels.backends import torch_fused
 from dpkernels.nn import iter_gated
+
+DATA = Path(__file__).parent / "data"
 
 
 def tiny_bert(layers=2, hidden=16, dropout=0.0, seed=0):
@@ -165,7 +168,7 @@ def test_each_grouped_tensor_replays_from_its_owners_seed():
     assert torch.equal(emb.weight.detach(), emb.parametrizations.weight.original + z * gate.diff.detach())
 
 
-def test_seeds_are_one_draw_per_group_and_reproducible():
+def test_seeds_are_one_draw_per_forward_and_reproducible():
     model = dpkernels.diff_prune(tiny_bert()).train()
     inputs = _inputs()[0]
     draws = []
@@ -177,7 +180,7 @@ def test_seeds_are_one_draw_per_group_and_reproducible():
     assert draws[0] == draws[1] != [int(o._seed) for o, _ in owners(model)]
     torch.manual_seed(1)
     expected = torch.randint(0, (1 << 63) - 1, (len(draws[0]),), dtype=torch.int64).tolist()
-    assert draws[0] == expected  # all of a group's seeds in one torch.randint, in module order
+    assert draws[0] == expected  # every owner's seed in one torch.randint, in module order
 
 
 def test_fused_l0_eval_mode_and_no_grad(monkeypatch):
@@ -374,3 +377,18 @@ def test_gate_ops_per_step_do_not_grow_with_depth():
     (full3, _), (full1, _) = count(3, False), count(1, False)
     (ours3, tensors3), (ours1, tensors1) = count(3, True), count(1, True)
     assert ours3 - ours1 <= (full3 - full1) + 2 * (tensors3 - tensors1)
+
+
+def test_a_sparse_diff_made_before_grouping_applies_bit_for_bit():
+    """tests/data/pre_grouping.safetensors was made by the per-tensor code (commit 29ff984, see
+    tests/make_pre_grouping_fixture.py): today's code loads it and merges the same bits."""
+    from make_pre_grouping_fixture import base_model
+    from safetensors.torch import load_file
+
+    diff = dpkernels.SparseDiff.load(DATA / "pre_grouping.safetensors")
+    merged = diff.apply(base_model())
+    expected = load_file(DATA / "pre_grouping_merged.safetensors")
+    state = merged.state_dict()
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
