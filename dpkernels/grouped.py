@@ -20,8 +20,9 @@ explicit ``DPKERNELS_BACKEND=cuda``; ``auto`` takes Triton on GPUs).
 
 Checkpointing: the seeds and effective tensors stay on their modules until the next model
 forward, so a checkpointed block recomputing its forward during the backward reads the same
-gates, grouped or per tensor (non-reentrant and reentrant alike; tests/test_grouped.py). Memory: the flat diff/log_alpha copies (and on a CPU
-the kept z and dz) of the grouped tensors, i.e. a few bytes per small gated element.
+gates, grouped or per tensor (non-reentrant and reentrant alike; tests/test_grouped.py). Memory:
+the flat diff/log_alpha copies (and on a CPU the kept z and dz) of the grouped tensors, i.e. a
+few bytes per small gated element.
 
 Draws: every tensor keeps the draw it has per tensor; only where its seed comes from changes. At
 the start of each training forward the model draws one seed per gate owner (a DiffLinear or a
@@ -36,12 +37,19 @@ and applies its gates per tensor, as before.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import ops, reference
 from .backends import BackendUnavailable, select
+
+# owner -> {prefix: effective tensor} of the latest model forward. Kept beside the modules, not on
+# them: those tensors are autograd outputs, which neither deepcopy nor torch.save would take.
+_EFFECTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NONE: dict = {}
 
 GROUP_MAX_NUMEL = 1 << 16  # larger tensors keep their own pass (a GPU DiffLinear weight: its fused GEMM)
 
@@ -242,17 +250,18 @@ class GateGroups:
             effective = _GroupedGateApply.apply(layout, backend, seeds if layout.training else self._no_seeds,
                                                 *params)
             for m, eff in zip(members, effective, strict=True):
-                m.owner.__dict__["_grouped"][m.prefix] = eff
+                _EFFECTIVE.setdefault(m.owner, {})[m.prefix] = eff
 
     def end(self) -> None:
         self.active = False  # the seeds and effective tensors stay for a checkpointed block's recompute
 
     def clear(self) -> None:
         for owner, _ in self.owners:
-            d = owner.__dict__
-            if d["_grouped"]:
-                d["_grouped"] = {}
-            d["_seed_given"] = False
+            _EFFECTIVE.pop(owner, None)
+            owner.__dict__["_seed_given"] = False
+
+    def __getstate__(self):  # (pickle, deepcopy) without the layouts, a cache of tensors
+        return {**self.__dict__, "_layouts": {}}
 
 
 def _set(owner: nn.Module, name: str, value, compiling: bool) -> None:
@@ -278,10 +287,16 @@ def seed_given(owner) -> bool:
     return owner.__dict__.get("_seed_given", False) and _current(owner)
 
 
+def effective_tensors(owner) -> dict[str, torch.Tensor]:
+    """``owner``'s grouped effective tensors of the latest model forward, by attribute prefix ("" for
+    the weight or a GatedParameter's tensor, "bias_"), whether or not still current."""
+    return dict(_EFFECTIVE.get(owner, _NONE))
+
+
 def effective(owner, prefix: str) -> torch.Tensor | None:
     """The grouped effective tensor of ``owner``'s ``prefix`` tensor for this forward, or None (then
     the module runs its own pass): inside the model forward, or a checkpointed block's recompute."""
-    eff = owner._grouped.get(prefix) if owner._grouped else None
+    eff = _EFFECTIVE.get(owner, _NONE).get(prefix)
     if eff is None or torch.compiler.is_compiling() or not _current(owner):
         return None
     return eff

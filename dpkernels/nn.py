@@ -104,7 +104,6 @@ class _GatedModule(nn.Module):
         self.alpha_init, self.l0_lambda, self.structured = float(alpha_init), float(l0_lambda), bool(structured)
         self._seed: torch.Tensor | None = None
         self._group_of = None  # the model's grouped.GateGroups, when diff_prune grouped this module's gates
-        self._grouped: dict[str, torch.Tensor] = {}  # prefix -> effective tensor of the model forward
         self._seed_given = False  # _seed drawn by the model forward (grouped.seed_given)
         ops.preload_backends()  # before any torch.compile trace, which cannot import them
 

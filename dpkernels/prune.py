@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import grouped
 from .nn import (
@@ -253,18 +254,39 @@ def l0_penalty(model: nn.Module) -> torch.Tensor:
     if any(_is_sharded(t) for gt in gated for t in gt.trainable()):
         raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
                          "L0 gradient instead: diff_prune(model, l0_lambda=...)")
-    # One term per (device, dtype, gate constants) for the L0 stage's unstructured tensors: the
-    # sigmoid of their log_alphas concatenated (a few ops, not a few per tensor); others per tensor.
-    flat: dict[tuple, list[torch.Tensor]] = {}
+    # One autograd node of multi-tensor ops per (device, dtype, gate constants) for the L0 stage's
+    # unstructured tensors, not a few ops and nodes per tensor; the others per tensor.
+    lists: dict[tuple, list[torch.Tensor]] = {}
     terms = []
     for gt in gated:
         if gt.fixed_mask or gt.group_log_alpha is not None:
             terms.append(gt.expected_l0())
         else:
-            flat.setdefault((gt.log_alpha.device, gt.log_alpha.dtype, gt.l, gt.r, gt.beta), []).append(gt.log_alpha)
-    for (_, _, l, r, beta), las in flat.items():
-        terms.append(torch.sigmoid(torch.cat([la.reshape(-1) for la in las]) - l0_shift(l, r, beta)).sum())
+            lists.setdefault((gt.log_alpha.device, gt.log_alpha.dtype, gt.l, gt.r, gt.beta), []).append(gt.log_alpha)
+    for (_, _, l, r, beta), las in lists.items():
+        terms.append(_ExpectedL0.apply(l0_shift(l, r, beta), *las))
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+class _ExpectedL0(torch.autograd.Function):
+    """sum_t sum_i p_ti, p = sigmoid(log_alpha - shift), over a list of log_alphas, by torch's
+    multi-tensor (foreach) ops: the formulas of reference.expected_l0 and expected_l0_grad (the
+    gradient g p (1 - p) bit for bit), with no copy of the tensors."""
+
+    @staticmethod
+    def forward(ctx, shift: float, *log_alphas):
+        with torch.no_grad():
+            p = torch._foreach_sigmoid(torch._foreach_add(list(log_alphas), -shift))
+            total = torch.stack(torch._foreach_norm(p, 1)).sum()  # (p >= 0: its L1 norm is its sum)
+        ctx.p = p
+        return total
+
+    @staticmethod
+    @once_differentiable  # a gradient penalty through it raises instead of missing terms
+    def backward(ctx, grad):
+        p = ctx.p
+        slope = torch._foreach_mul(p, torch._foreach_add(torch._foreach_neg(p), 1.0))  # p (1 - p)
+        return (None, *torch._foreach_mul(slope, grad))
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
