@@ -405,3 +405,32 @@ def test_a_trained_model_deep_copies():
     result = step(model, inputs, labels)
     torch.manual_seed(0)
     assert_same(result, step(twin, inputs, labels))
+
+
+def test_the_grouped_cpu_passes_stay_compiled_across_a_training_loops_modes(monkeypatch):
+    """Grad / no_grad / inference mode, autocast on and off, bf16 / fp32 bases and gradients, with
+    and without the fused L0 term: a grouped model's CPU passes run compiled, none past dynamo's
+    recompile limit (beyond which calls would silently run eager)."""
+    import contextlib
+
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "1")
+    monkeypatch.setattr(torch_fused, "_disabled_reason", None)
+    before = torch_fused.fused_calls
+    inputs, labels = _inputs()
+    for base in (torch.float32, torch.bfloat16):
+        for l0_lambda in (0.0, 0.05):
+            model = dpkernels.diff_prune(tiny_bert().to(base), l0_lambda=l0_lambda).train()
+            for context in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+                for autocast in (False, True):
+                    with context(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        loss = model(input_ids=inputs, labels=labels).loss
+                    if context is contextlib.nullcontext:
+                        loss.backward()
+    assert torch_fused.fused_calls > before
+    limit = torch._dynamo.config.recompile_limit
+    for name in (("grouped_keep", True), ("route_kept", True)):  # (what a grouped model runs on a CPU)
+        fn = torch_fused.GROUPED_MODES[name]
+        entries = len(_debug_get_cache_entry_list(fn.__code__))
+        assert 0 < entries < limit, f"{name}: {entries} compiled graphs (dynamo keeps {limit})"

@@ -116,9 +116,10 @@ def _route_kept(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
 
 
 MODES = {("z", True): _z_train, ("z", False): _z_eval, ("apply", True): _apply_train, ("apply", False): _apply_eval,
-         ("backward", True): _backward_train, ("backward", False): _backward_eval,
-         ("grouped_gates", True): _grouped_gates_train, ("grouped_keep", True): _grouped_keep_train,
-         ("route_kept", True): _route_kept}  # (pass, training) -> function
+         ("backward", True): _backward_train, ("backward", False): _backward_eval}  # (pass, training) -> function
+# The grouped passes (dpkernels.grouped), training only: eval gates take the modes above.
+GROUPED_MODES = {("grouped_gates", True): _grouped_gates_train, ("grouped_keep", True): _grouped_keep_train,
+                 ("route_kept", True): _route_kept}
 _compiled: dict[tuple[str, bool], object] = {}
 
 
@@ -155,7 +156,7 @@ def _run_fused(kind: str, tensors, training, gates: tuple, extra=()):
     mode = (kind, bool(training))
     if mode not in _compiled:
         _import_cpp_extension_quietly()
-        _compiled[mode] = torch.compile(MODES[mode], dynamic=True)
+        _compiled[mode] = torch.compile(MODES.get(mode) or GROUPED_MODES[mode], dynamic=True)
     flat = [t.detach().reshape(-1) for t in tensors]
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
