@@ -101,6 +101,7 @@ class _Layout:
         self.training = first.owner.training
         self.l, self.r, self.beta = first.owner.l, first.owner.r, first.owner.beta
         self.l0_lambda = first.owner.l0_lambda
+        self.shift = reference.l0_shift(self.l, self.r, self.beta)
         self.sizes = [m.diff.numel() for m in members]
         self.shapes = [m.diff.shape for m in members]
         device = first.diff.device
@@ -114,6 +115,10 @@ class _Layout:
 
 class _GroupedGateApply(torch.autograd.Function):
     """Every member's theta0 + z * diff from one pass; one routing pass backward.
+
+    Its last output is the group's E[L0] = sum sigmoid(log_alpha - l0_shift), which
+    ``dpkernels.l0_penalty`` takes for the group's tensors: its gradient joins the routing pass
+    (one gradient per log_alpha, not one from the gates and one from the penalty).
 
     The intermediates are kept as ctx attributes, not saved tensors (which autograd frees after
     the first backward through the node): under reentrant checkpointing the recomputed block's
@@ -140,20 +145,27 @@ class _GroupedGateApply(torch.autograd.Function):
             out = backend.grouped_gate_forward(log_alpha, seeds, layout.owner_index, layout.counters,
                                                layout.training, layout.l, layout.r, layout.beta, layout.theta0, diff,
                                                layout.theta0.dtype)
-        return tuple(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True))
+        penalty = torch.sigmoid(log_alpha - layout.shift).sum()
+        return (*(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True)),
+                penalty)
 
     @staticmethod
     @once_differentiable  # no second derivative: a gradient penalty raises instead of being wrong
     def backward(ctx, *grads):
         layout, diff, log_alpha = ctx.layout, ctx.diff, ctx.log_alpha
+        *grads, grad_penalty = grads
         used = [g is not None for g in grads]
+        # The penalty's gradient g p (1 - p): in the pass as a constant where reading it costs no
+        # sync (a CPU tensor), else added below.
+        penalty_in_pass = grad_penalty is not None and grad_penalty.device.type == "cpu"
+        penalty_weight = float(grad_penalty) if penalty_in_pass else 0.0
         flat = torch.cat([g.reshape(-1) if g is not None else diff.new_zeros(n)
                           for g, n in zip(grads, layout.sizes, strict=True)])
         # The fused L0 gradient in the pass when every member with a gradient still owes it (always,
         # but under reentrant checkpointing); else added below to those that do.
         owed = [u and due for u, due in zip(used, ctx.l0_due, strict=True)]
         in_pass = all(due for u, due in zip(used, ctx.l0_due, strict=True) if u)
-        l0_lambda = layout.l0_lambda if in_pass else 0.0
+        l0_lambda = (layout.l0_lambda if in_pass else 0.0) + penalty_weight
         if ctx.gates is not None:  # the gates kept by the forward
             grad_diff, grad_la = ctx.backend.gate_backward_kept(flat, diff, log_alpha, *ctx.gates, layout.l, layout.r,
                                                                 layout.beta, l0_lambda)
@@ -161,6 +173,9 @@ class _GroupedGateApply(torch.autograd.Function):
             grad_diff, grad_la = ctx.backend.grouped_gate_backward(
                 flat, diff, log_alpha, ctx.seeds, layout.owner_index, layout.counters, layout.training, layout.l,
                 layout.r, layout.beta, l0_lambda)
+        if grad_penalty is not None and not penalty_in_pass:
+            grad_la = grad_la + grad_penalty * reference.expected_l0_grad(log_alpha, l=layout.l, r=layout.r,
+                                                                          beta=layout.beta)
         pieces = [list(t.split(layout.sizes)) for t in (grad_diff, grad_la)]
         if not in_pass:
             for i in (i for i, o in enumerate(owed) if o):
@@ -168,8 +183,9 @@ class _GroupedGateApply(torch.autograd.Function):
                     log_alpha.split(layout.sizes)[i], l=layout.l, r=layout.r, beta=layout.beta)
         ctx.l0_due = [due and not u for u, due in zip(used, ctx.l0_due, strict=True)]
         # A member whose effective tensor took no part in the loss gets no gradient (as per tensor).
-        out = [[p.view(shape) if u else None for p, shape, u in zip(part, layout.shapes, used, strict=True)]
-               for part in pieces]
+        with_la = [u or grad_penalty is not None for u in used]
+        out = [[p.view(shape) if u else None for p, shape, u in zip(part, layout.shapes, mask, strict=True)]
+               for part, mask in zip(pieces, (used, with_la), strict=True)]
         return (None, None, None, *out[0], *out[1])
 
 
@@ -182,6 +198,7 @@ class GateGroups:
         self.enabled = True
         self.active = False  # inside the model's forward
         self._no_seeds = torch.zeros(1, dtype=torch.int64)  # (eval gates take no draw)
+        self._penalties: list[tuple] = []  # per group of the latest forward: (members, versions, E[L0])
         self._layouts: dict[tuple, tuple[tuple, _Layout]] = {}  # group key -> (members' signature, layout)
 
     def _members(self) -> dict[tuple, list[_Member]]:
@@ -247,8 +264,9 @@ class GateGroups:
             if layout.training and seeds is None:
                 continue  # (a module in training mode inside a model in eval mode): per tensor
             params = [m.diff for m in members] + [m.log_alpha for m in members]
-            effective = _GroupedGateApply.apply(layout, backend, seeds if layout.training else self._no_seeds,
-                                                *params)
+            *effective, penalty = _GroupedGateApply.apply(layout, backend, seeds if layout.training else self._no_seeds,
+                                                          *params)
+            self._penalties.append((members, tuple(m.log_alpha._version for m in members), penalty))
             for m, eff in zip(members, effective, strict=True):
                 _EFFECTIVE.setdefault(m.owner, {})[m.prefix] = eff
 
@@ -256,12 +274,26 @@ class GateGroups:
         self.active = False  # the seeds and effective tensors stay for a checkpointed block's recompute
 
     def clear(self) -> None:
+        self._penalties = []
         for owner, _ in self.owners:
             _EFFECTIVE.pop(owner, None)
             owner.__dict__["_seed_given"] = False
 
-    def __getstate__(self):  # (pickle, deepcopy) without the layouts, a cache of tensors
-        return {**self.__dict__, "_layouts": {}}
+    def penalties(self) -> tuple[set[int], list[torch.Tensor]]:
+        """(ids of the log_alphas covered, their groups' E[L0] terms) from the latest model forward,
+        for the groups whose log_alphas are unchanged since (no optimizer step in between) and
+        whose term is differentiable when gradients are on."""
+        covered, terms = set(), []
+        for members, versions, penalty in self._penalties:
+            if penalty.grad_fn is None and torch.is_grad_enabled():
+                continue  # (a forward under no_grad: the term would be a constant)
+            if all(m.log_alpha._version == v for m, v in zip(members, versions, strict=True)):
+                covered.update(id(m.log_alpha) for m in members)
+                terms.append(penalty)
+        return covered, terms
+
+    def __getstate__(self):  # (pickle, deepcopy) without the caches: layouts and the latest penalties
+        return {**self.__dict__, "_layouts": {}, "_penalties": []}
 
 
 def _set(owner: nn.Module, name: str, value, compiling: bool) -> None:

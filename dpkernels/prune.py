@@ -254,11 +254,15 @@ def l0_penalty(model: nn.Module) -> torch.Tensor:
     if any(_is_sharded(t) for gt in gated for t in gt.trainable()):
         raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
                          "L0 gradient instead: diff_prune(model, l0_lambda=...)")
-    # One autograd node of multi-tensor ops per (device, dtype, gate constants) for the L0 stage's
-    # unstructured tensors, not a few ops and nodes per tensor; the others per tensor.
+    # The grouped tensors: their groups' terms from the model forward (dpkernels.grouped). The
+    # others: one autograd node of multi-tensor ops per (device, dtype, gate constants) for the L0
+    # stage's unstructured tensors, not a few ops and nodes per tensor; the rest per tensor.
+    groups = getattr(model, "_dpkernels_gate_groups", None)
+    covered, terms = groups.penalties() if groups is not None else (set(), [])
     lists: dict[tuple, list[torch.Tensor]] = {}
-    terms = []
     for gt in gated:
+        if gt.log_alpha is not None and id(gt.log_alpha) in covered:
+            continue
         if gt.fixed_mask or gt.group_log_alpha is not None:
             terms.append(gt.expected_l0())
         else:
