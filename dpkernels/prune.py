@@ -273,24 +273,34 @@ def l0_penalty(model: nn.Module) -> torch.Tensor:
 
 
 class _ExpectedL0(torch.autograd.Function):
-    """sum_t sum_i p_ti, p = sigmoid(log_alpha - shift), over a list of log_alphas, by torch's
-    multi-tensor (foreach) ops: the formulas of reference.expected_l0 and expected_l0_grad (the
-    gradient g p (1 - p) bit for bit), with no copy of the tensors."""
+    """sum_t sum_i p_ti, p = sigmoid(log_alpha - shift), over a list of log_alphas, with no copy of
+    the tensors: on a CPU one fused pass per tensor giving its sum and its slope p (1 - p) (the
+    torch backend), else torch's multi-tensor (foreach) ops. The formulas of
+    reference.expected_l0 and expected_l0_grad (the gradient g p (1 - p))."""
 
     @staticmethod
     def forward(ctx, shift: float, *log_alphas):
         with torch.no_grad():
+            fused = [_fused_expected_l0(la, shift) for la in log_alphas]
+            if all(f is not None for f in fused):
+                ctx.slope = [slope for _, slope in fused]
+                return torch.stack([total for total, _ in fused]).sum()
             p = torch._foreach_sigmoid(torch._foreach_add(list(log_alphas), -shift))
-            total = torch.stack(torch._foreach_norm(p, 1)).sum()  # (p >= 0: its L1 norm is its sum)
-        ctx.p = p
-        return total
+            ctx.slope = torch._foreach_mul(p, torch._foreach_add(torch._foreach_neg(p), 1.0))  # p (1 - p)
+            return torch.stack(torch._foreach_norm(p, 1)).sum()  # (p >= 0: its L1 norm is its sum)
 
     @staticmethod
     @once_differentiable  # a gradient penalty through it raises instead of missing terms
     def backward(ctx, grad):
-        p = ctx.p
-        slope = torch._foreach_mul(p, torch._foreach_add(torch._foreach_neg(p), 1.0))  # p (1 - p)
-        return (None, *torch._foreach_mul(slope, grad))
+        return (None, *torch._foreach_mul(ctx.slope, grad))
+
+
+def _fused_expected_l0(log_alpha: torch.Tensor, shift: float):
+    if log_alpha.device.type != "cpu":
+        return None
+    from .backends import load
+
+    return load("torch").expected_l0_and_slope(log_alpha, shift)
 
 
 def _is_sharded(t: torch.Tensor) -> bool:

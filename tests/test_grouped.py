@@ -460,3 +460,26 @@ def test_the_grouped_cpu_passes_stay_compiled_across_a_training_loops_modes(monk
         fn = torch_fused.GROUPED_MODES[name]
         entries = len(_debug_get_cache_entry_list(fn.__code__))
         assert 0 < entries < limit, f"{name}: {entries} compiled graphs (dynamo keeps {limit})"
+
+
+def test_the_cpu_fused_penalty_of_large_tensors_matches_the_reference(monkeypatch):
+    """l0_penalty's tensors outside the groups (large ones): on a CPU one fused pass each gives the
+    sum and the slope p (1 - p), within float32 rounding of the reference's formulas."""
+    monkeypatch.setenv("DPKERNELS_CPU_FUSE_MIN", "1")
+    monkeypatch.setattr(torch_fused, "_disabled_reason", None)
+    monkeypatch.setattr(grouped, "GROUP_MAX_NUMEL", 0)  # nothing grouped: every tensor takes this path
+    model = dpkernels.diff_prune(tiny_bert().float())
+    randomise(model)
+    gated = [gt for _, _, gt in iter_gated(model)]
+    before = torch_fused.fused_calls
+    penalty = dpkernels.l0_penalty(model)
+    assert torch_fused.fused_calls >= before + len(gated)
+    las = [gt.log_alpha for gt in gated]
+    grads = torch.autograd.grad(3.0 * penalty, las)
+    expected = sum(ref.expected_l0(la.detach().double()) for la in las)
+    torch.testing.assert_close(penalty.double(), expected, rtol=1e-6, atol=0)
+    eps = torch.finfo(torch.float32).eps
+    for la, grad in zip(las, grads, strict=True):
+        la = la.detach()
+        assert_close_by_rule(grad, 3.0 * ref.expected_l0_grad(la), 3.0 * ref.expected_l0_grad(la.double()),
+                             8 * eps * 3.0 * 0.25, "grad_log_alpha")  # (p (1 - p) <= 1/4)

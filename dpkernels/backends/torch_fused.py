@@ -117,9 +117,15 @@ def _route_kept(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
 
 MODES = {("z", True): _z_train, ("z", False): _z_eval, ("apply", True): _apply_train, ("apply", False): _apply_eval,
          ("backward", True): _backward_train, ("backward", False): _backward_eval}  # (pass, training) -> function
-# The grouped passes (dpkernels.grouped), training only: eval gates take the modes above.
+def _expected_l0_and_slope(la, l0_shift: float):
+    p = torch.sigmoid(la - l0_shift)
+    return p.sum(), p * (1 - p)
+
+
+# The grouped passes (dpkernels.grouped), training only (eval gates take the modes above), and
+# E[L0] with its gradient's slope in one pass (dpkernels.l0_penalty's large tensors).
 GROUPED_MODES = {("grouped_gates", True): _grouped_gates_train, ("grouped_keep", True): _grouped_keep_train,
-                 ("route_kept", True): _route_kept}
+                 ("route_kept", True): _route_kept, ("expected_l0", True): _expected_l0_and_slope}
 _compiled: dict[tuple[str, bool], object] = {}
 
 
@@ -232,6 +238,15 @@ def gate_backward_kept(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda=0.0):
         if l0_lambda:
             gla = gla + l0_lambda * reference.expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
         return g * z, gla
+
+
+def expected_l0_and_slope(log_alpha, l0_shift: float):
+    """(E[L0] = sum p, dE[L0]/dlog_alpha = p (1 - p)), p = sigmoid(log_alpha - l0_shift), in one
+    fused pass for a large CPU tensor (the reference's formulas); None where not fused."""
+    if not _use_fused(log_alpha):
+        return None
+    out = _run_fused("expected_l0", [log_alpha], True, (float(l0_shift),))
+    return None if out is None else (out[0], out[1].view(log_alpha.shape))
 
 
 def grouped_gate_forward(log_alpha, seeds, owner, counters, training, l, r, beta, theta0, diff, out_dtype=None):
