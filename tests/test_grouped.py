@@ -483,3 +483,15 @@ def test_the_cpu_fused_penalty_of_large_tensors_matches_the_reference(monkeypatc
         la = la.detach()
         assert_close_by_rule(grad, 3.0 * ref.expected_l0_grad(la), 3.0 * ref.expected_l0_grad(la.double()),
                              8 * eps * 3.0 * 0.25, "grad_log_alpha")  # (p (1 - p) <= 1/4)
+
+
+@pytest.mark.parametrize("n", [3, 1000, 4099])
+def test_the_compiled_philox_draws_the_references_bits(n):
+    """The torch backend's compiled passes form Philox's 32 x 32-bit products by wrapping int64
+    multiplies: the same bits as the reference's exact emulation, vector body and tail alike."""
+    gen = torch.Generator().manual_seed(n)
+    seeds = torch.tensor([(1 << 63) + 12345 - (1 << 64), 987654321], dtype=torch.int64)  # an unsigned seed >= 2**63
+    owner = torch.randint(0, 2, (n,), generator=gen)
+    counters = torch.randint(0, 1 << 40, (n,), generator=gen)
+    draws = torch.compile(torch_fused._grouped_draws, dynamic=True)(seeds, owner, counters)
+    assert torch.equal(draws, ref.grouped_uniform(seeds, owner, counters))

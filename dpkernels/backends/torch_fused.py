@@ -59,12 +59,38 @@ def _use_fused(log_alpha: torch.Tensor) -> bool:
             and log_alpha.dtype == torch.float32 and log_alpha.numel() >= threshold)
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _philox_word(counters, k0, k1):
+    """reference.philox_rounds' first word for counters (lo, hi, 0, 0), in the compiled passes only.
+    A 32 x 32-bit product is formed by one int64 multiply, which wraps modulo 2**64 and so keeps
+    both 32-bit halves (the reference splits one factor in 16-bit halves to stay below 2**63 on
+    every device): half the instructions of the emulation, the same bits (tests/test_torch_fused.py
+    and test_grouped.py compare the draws with the reference's)."""
+    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(counters)
+    for _ in range(10):
+        b, a = c2 * 0xCD9E8D57, c0 * 0xD2511F53
+        c0, c1, c2, c3 = ((b >> 32) & _MASK32) ^ c1 ^ k0, b & _MASK32, ((a >> 32) & _MASK32) ^ c3 ^ k1, a & _MASK32
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0
+
+
+def _uniform(counters, k0, k1):
+    return reference.word_to_uniform(_philox_word(counters, k0, k1))
+
+
+def _grouped_draws(seeds, owner, counters):
+    """reference.grouped_uniform, by _philox_word."""
+    key = seeds[owner.to(torch.int64)]
+    return _uniform(counters, key & _MASK32, (key >> 32) & _MASK32)
+
+
 def _train_gates(la, offset, k0, k1, l: float, r: float, beta: float):
     """(z, dz/dlog_alpha) for flat fp32 log_alpha; offset, k0, k1 are int64 0-d tensors."""
     counters = torch.arange(la.numel(), dtype=torch.int64, device=la.device) + offset
-    zero = torch.zeros_like(counters)
-    word = reference.philox_rounds(counters & 0xFFFFFFFF, counters >> 32, zero, zero, k0, k1)[0]
-    return reference.hard_concrete(la, reference.word_to_uniform(word), l=l, r=r, beta=beta)
+    return reference.hard_concrete(la, _uniform(counters, k0, k1), l=l, r=r, beta=beta)
 
 
 def _route(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
@@ -103,11 +129,11 @@ def _backward_eval(g, diff, la, l: float, r: float, l0_lambda: float, l0_shift: 
 
 
 def _grouped_gates_train(la, seeds, owner, counters, l: float, r: float, beta: float):
-    return reference.hard_concrete(la, reference.grouped_uniform(seeds, owner, counters), l=l, r=r, beta=beta)
+    return reference.hard_concrete(la, _grouped_draws(seeds, owner, counters), l=l, r=r, beta=beta)
 
 
 def _grouped_keep_train(la, theta0, diff, seeds, owner, counters, l: float, r: float, beta: float):
-    z, dz = reference.hard_concrete(la, reference.grouped_uniform(seeds, owner, counters), l=l, r=r, beta=beta)
+    z, dz = reference.hard_concrete(la, _grouped_draws(seeds, owner, counters), l=l, r=r, beta=beta)
     return theta0.to(diff.dtype) + z * diff, z, dz
 
 
