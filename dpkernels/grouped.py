@@ -138,14 +138,15 @@ class _GroupedGateApply(torch.autograd.Function):
         ctx.l0_due = [bool(layout.l0_lambda)] * n
         if layout.training and log_alpha.device.type == "cpu" and hasattr(backend, "grouped_gate_forward_keep"):
             # CPU: draw once, keep z and dz/dlog_alpha for the backward (the draw is most of a pass)
-            out, *ctx.gates = backend.grouped_gate_forward_keep(log_alpha, seeds, layout.owner_index, layout.counters,
-                                                                layout.l, layout.r, layout.beta, layout.theta0, diff,
-                                                                layout.theta0.dtype)
+            out, z, dz, penalty = backend.grouped_gate_forward_keep(
+                log_alpha, seeds, layout.owner_index, layout.counters, layout.l, layout.r, layout.beta, layout.theta0,
+                diff, layout.theta0.dtype)
+            ctx.gates = (z, dz)
         else:
             out = backend.grouped_gate_forward(log_alpha, seeds, layout.owner_index, layout.counters,
                                                layout.training, layout.l, layout.r, layout.beta, layout.theta0, diff,
                                                layout.theta0.dtype)
-        penalty = torch.sigmoid(log_alpha - layout.shift).sum()
+            penalty = torch.sigmoid(log_alpha - layout.shift).sum()
         return (*(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True)),
                 penalty)
 

@@ -132,9 +132,9 @@ def _grouped_gates_train(la, seeds, owner, counters, l: float, r: float, beta: f
     return reference.hard_concrete(la, _grouped_draws(seeds, owner, counters), l=l, r=r, beta=beta)
 
 
-def _grouped_keep_train(la, theta0, diff, seeds, owner, counters, l: float, r: float, beta: float):
+def _grouped_keep_train(la, theta0, diff, seeds, owner, counters, l: float, r: float, beta: float, l0_shift: float):
     z, dz = reference.hard_concrete(la, _grouped_draws(seeds, owner, counters), l=l, r=r, beta=beta)
-    return theta0.to(diff.dtype) + z * diff, z, dz
+    return theta0.to(diff.dtype) + z * diff, z, dz, torch.sigmoid(la - l0_shift).sum()
 
 
 def _route_kept(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
@@ -237,18 +237,20 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
 
 
 def grouped_gate_forward_keep(log_alpha, seeds, owner, counters, l, r, beta, theta0, diff, out_dtype=None):
-    """(theta0 + z * diff, z, dz/dlog_alpha) of a grouped training pass (draws as
+    """(theta0 + z * diff, z, dz/dlog_alpha, E[L0]) of a grouped training pass (draws as
     reference.grouped_uniform), fused for large CPU buffers. On a CPU the Philox emulation is most
     of a gate pass, so dpkernels.grouped keeps z and dz (the grouped tensors are small) and routes
     the backward with :func:`gate_backward_kept`, without a second draw."""
+    shift = reference.l0_shift(l, r, beta)
     if _use_fused(log_alpha):
         out = _run_fused("grouped_keep", [log_alpha, theta0, diff], True,
-                         (seeds, owner, counters, float(l), float(r), float(beta)))
+                         (seeds, owner, counters, float(l), float(r), float(beta), shift))
         if out is not None:
-            return out[0].to(out_dtype or theta0.dtype), out[1], out[2]
+            return out[0].to(out_dtype or theta0.dtype), *out[1:]
     with torch.no_grad():
         z, dz = reference._grouped_gates_and_grad(log_alpha, seeds, owner, counters, True, l, r, beta)
-        return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype), z, dz
+        out = (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
+        return out, z, dz, reference.expected_l0(log_alpha, l=l, r=r, beta=beta)
 
 
 def gate_backward_kept(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda=0.0):
