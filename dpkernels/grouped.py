@@ -47,7 +47,7 @@ from . import ops, reference
 from .backends import BackendUnavailable, select
 
 # owner -> {prefix: effective tensor} of the latest model forward. Kept beside the modules, not on
-# them: those tensors are autograd outputs, which neither deepcopy nor torch.save would take.
+# them: those tensors are autograd outputs (non-leaf), which deepcopy refuses.
 _EFFECTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NONE: dict = {}
 

@@ -300,7 +300,7 @@ class DiffLinear(_GatedModule):
                                          self.bias_diff_index, self.bias_diff_values, validate=False)
         weight, bias = grouped.effective(self, ""), grouped.effective(self, "bias_")
         if weight is not None:  # the model forward's grouped pass formed both (see dpkernels.grouped)
-            return nn.functional.linear(x, weight, bias)
+            return nn.functional.linear(x, weight, self.bias if bias is None else bias)
         if bias is not None:  # the bias's gates grouped; the weight's drawn with the seed the group set
             return ops.diff_linear(x, self.weight, bias, self.diff, self.log_alpha, seed=self._seed,
                                    training=self.training, l=self.l, r=self.r, beta=self.beta,
@@ -464,9 +464,9 @@ def gate_parameter(module: nn.Module, name: str, *, gate: GatedParameter | None 
 def _draw_gate_seeds(module: nn.Module, _inputs) -> None:
     for plist in module.parametrizations.values():
         for p in plist:
-            # A shared gate inside the model's forward already has that forward's seed; a module
-            # holding it called on its own draws a fresh one, as for any other gate.
-            # A gate of a diff-pruned model's forward has the seed that forward gave it.
+            # A shared gate inside the model's forward already has that forward's seed, and so has
+            # any gate of a diff-pruned model's forward (dpkernels.grouped); a module called on its
+            # own draws a fresh one.
             if isinstance(p, GatedParameter) and p.training and not p.in_model_forward and not grouped.seed_given(p):
                 p.draw_seed()
 

@@ -25,6 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import grouped
+from .backends import load as load_backend
 from .nn import (
     DiffLinear,
     GatedParameter,
@@ -296,11 +297,7 @@ class _ExpectedL0(torch.autograd.Function):
 
 
 def _fused_expected_l0(log_alpha: torch.Tensor, shift: float):
-    if log_alpha.device.type != "cpu":
-        return None
-    from .backends import load
-
-    return load("torch").expected_l0_and_slope(log_alpha, shift)
+    return load_backend("torch").expected_l0_and_slope(log_alpha, shift) if log_alpha.device.type == "cpu" else None
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
