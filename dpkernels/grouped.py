@@ -329,10 +329,10 @@ def effective_tensors(owner) -> dict[str, torch.Tensor]:
 def effective(owner, prefix: str) -> torch.Tensor | None:
     """The grouped effective tensor of ``owner``'s ``prefix`` tensor for this forward, or None (then
     the module runs its own pass): inside the model forward, or a checkpointed block's recompute."""
-    eff = _EFFECTIVE.get(owner, _NONE).get(prefix)
-    if eff is None or torch.compiler.is_compiling() or not _current(owner):
+    if torch.compiler.is_compiling():  # (before the lookup: a traced read of it would be guarded on)
         return None
-    return eff
+    eff = _EFFECTIVE.get(owner, _NONE).get(prefix)
+    return eff if eff is not None and _current(owner) else None
 
 
 def install(model: nn.Module, owners: list[tuple[nn.Module, object]]) -> GateGroups:
