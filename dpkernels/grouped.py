@@ -13,8 +13,11 @@ Parameters stay per tensor (state_dict, optimizers, SparseDiff, checkpoints are 
 
 Members: an L0-stage, unstructured tensor with at most :data:`GROUP_MAX_NUMEL` elements (a
 DiffLinear's weight -- then also its bias -- or bias; a GatedParameter). A group: the members of
-one (device, dtype, gate constants, fused l0_lambda, train/eval mode). Per tensor still: the
-structured variant, the fixed-mask stage, larger tensors, a model sharded by FSDP2 (its hooks swap
+one (device, dtype, gate constants, fused l0_lambda, train/eval mode). The fixed-mask stage's tensors
+of that size likewise, per (device, values dtype, base dtype): one indexed write forward, one
+gather backward (a DiffLinear under autocast, or fed another dtype than its weight's, keeps its own
+path and its sampled weight gradient's fp32 accumulation). Per tensor still: the structured
+variant, larger tensors, a model sharded by FSDP2 (its hooks swap
 the parameters) and any DTensor, and backends without grouped kernels (the CUDA extension: an
 explicit ``DPKERNELS_BACKEND=cuda``; ``auto`` takes Triton on GPUs).
 
@@ -190,6 +193,57 @@ class _GroupedGateApply(torch.autograd.Function):
         return (None, None, None, *out[0], *out[1])
 
 
+class _MaskMember:
+    """One grouped tensor of the fixed-mask stage: theta0, its trainable values and their sorted
+    flat indices (``<prefix>diff_values`` / ``<prefix>diff_index`` of the owner)."""
+
+    __slots__ = ("owner", "prefix", "theta0", "values", "index")
+
+    def __init__(self, owner, prefix, theta0, values, index):
+        self.owner, self.prefix, self.theta0, self.values, self.index = owner, prefix, theta0, values, index
+
+
+class _MaskLayout:
+    """A fixed-mask group's fixed part: theta0 concatenated, the members' indices shifted into it
+    (still sorted and unique), theta0 there."""
+
+    def __init__(self, members: list[_MaskMember]):
+        self.members = members
+        self.sizes = [m.theta0.numel() for m in members]
+        self.shapes = [m.theta0.shape for m in members]
+        self.value_sizes = [m.values.numel() for m in members]
+        starts = [0]
+        for n in self.sizes[:-1]:
+            starts.append(starts[-1] + n)
+        with torch.no_grad():
+            self.theta0 = torch.cat([m.theta0.detach().reshape(-1) for m in members])
+            self.index = torch.cat([m.index + start for m, start in zip(members, starts, strict=True)])
+            self.theta0_at = self.theta0[self.index]
+
+
+class _GroupedMaskApply(torch.autograd.Function):
+    """Every member's theta0 + scatter(index, values) from one indexed write (the fixed-mask stage's
+    reference.masked_weight: the masked entries formed in the values' precision, rounded once to
+    theta0's dtype); backward one gather of the gradient at the masked entries."""
+
+    @staticmethod
+    def forward(ctx, layout: _MaskLayout, *values):
+        flat = torch.cat([v.reshape(-1) for v in values])
+        out = layout.theta0.clone()
+        out[layout.index] = (layout.theta0_at.to(flat.dtype) + flat).to(out.dtype)
+        ctx.layout, ctx.dtype = layout, flat.dtype
+        return tuple(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        layout = ctx.layout
+        flat = torch.cat([g.reshape(-1) if g is not None else layout.theta0.new_zeros(n)
+                          for g, n in zip(grads, layout.sizes, strict=True)])
+        pieces = flat[layout.index].to(ctx.dtype).split(layout.value_sizes)
+        return (None, *(p if g is not None else None for p, g in zip(pieces, grads, strict=True)))
+
+
 class GateGroups:
     """The groups of one diff-pruned model (kept on it as ``_dpkernels_gate_groups``)."""
 
@@ -224,6 +278,33 @@ class GateGroups:
                 groups.setdefault(key, []).append(_Member(owner, prefix, theta0, diff, la, counter0))
         return groups
 
+    def _mask_members(self) -> dict[tuple, list[_MaskMember]]:
+        groups: dict[tuple, list[_MaskMember]] = {}
+        for owner, plist in self.owners:
+            params, buffers = owner._parameters, owner._buffers
+            if buffers.get("diff_index") is None:
+                continue
+            if plist is None:  # a DiffLinear
+                found = [("", params["weight"]), ("bias_", params.get("bias"))]
+            else:
+                found = [("", plist.original)]
+            for prefix, theta0 in found:
+                values, index = params.get(prefix + "diff_values"), buffers.get(prefix + "diff_index")
+                if theta0 is None or values is None or theta0.numel() > GROUP_MAX_NUMEL or _is_dtensor(values) \
+                        or _is_dtensor(theta0):
+                    continue
+                key = ("fixed", values.device, values.dtype, theta0.dtype)
+                groups.setdefault(key, []).append(_MaskMember(owner, prefix, theta0, values, index))
+        return groups
+
+    def _mask_layout(self, key, members: list[_MaskMember]) -> _MaskLayout:
+        signature = tuple((id(m.owner), m.prefix, id(m.values), m.theta0.data_ptr(), m.theta0._version,
+                           m.index.data_ptr(), m.index._version, m.index.numel()) for m in members)
+        cached = self._layouts.get(key)
+        if cached is None or cached[0] != signature:
+            cached = self._layouts[key] = (signature, _MaskLayout(members))
+        return cached[1]
+
     def _layout(self, key, members: list[_Member]) -> _Layout:
         # Rebuilt when a member, a parameter object or a base's data (pointer or version) changed.
         signature = tuple((id(m.owner), m.prefix, id(m.diff), id(m.log_alpha), m.theta0.data_ptr(),
@@ -254,8 +335,12 @@ class GateGroups:
         self.active = True
         if compiling:
             return
-        groups = self._members()
-        self._layouts = {key: cached for key, cached in self._layouts.items() if key in groups}
+        groups, masks = self._members(), self._mask_members()
+        self._layouts = {key: cached for key, cached in self._layouts.items() if key in groups or key in masks}
+        for key, members in masks.items():
+            effective = _GroupedMaskApply.apply(self._mask_layout(key, members), *(m.values for m in members))
+            for m, eff in zip(members, effective, strict=True):
+                _EFFECTIVE.setdefault(m.owner, {})[m.prefix] = eff
         for key, members in groups.items():
             try:
                 backend = select("grouped_gate_apply", key[0], key[1], primitive="grouped_gate_forward")

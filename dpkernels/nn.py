@@ -289,6 +289,10 @@ class DiffLinear(_GatedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_mask:
+            weight = grouped.effective(self, "")
+            if weight is not None and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type):
+                bias = grouped.effective(self, "bias_")  # (formed by the model forward's grouped pass)
+                return nn.functional.linear(x, weight, self.bias if bias is None else bias)
             # Indices are checked when they are set (to_fixed_mask) and again in eager mode whenever
             # they changed since (load_state_dict, say); a compiled graph cannot read data_ptr.
             if not torch.compiler.is_compiling() and getattr(self, "_checked_index", None) != self._index_state():
@@ -415,12 +419,12 @@ class GatedParameter(_GatedModule):
         self._enter_fixed_stage("", self._gated("", "", self.diff), index)
 
     def forward(self, theta0: torch.Tensor) -> torch.Tensor:
+        effective = grouped.effective(self, "")
+        if effective is not None:  # (formed by the model forward's grouped pass, either stage)
+            return effective
         if self.fixed_mask:
             flat = theta0.reshape(-1).to(self.diff_values.dtype).index_add(0, self.diff_index, self.diff_values)
             return flat.to(theta0.dtype).view(theta0.shape)
-        effective = grouped.effective(self, "")
-        if effective is not None:
-            return effective
         if self.training and self.seed is None:
             self.draw_seed()
         gt = self._gated("", "", theta0)

@@ -680,7 +680,7 @@ def _fixed_mask_backward_impl(grad_y, x, w_eff, index, bias_index, values, needs
         grads[0] = gy @ w_eff
     _join(side, grads[1:2])
     if needs[2]:
-        grads[2] = gy.sum(0, dtype=torch.float32)[bias_index]
+        grads[2] = gy.sum(0, dtype=torch.promote_types(gy.dtype, torch.float32))[bias_index]  # fp64 stays fp64
     return grads
 
 

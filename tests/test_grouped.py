@@ -285,13 +285,15 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_gates(reentrant, l0
     assert_same(*results)
 
 
-def test_projected_tensors_leave_the_groups():
+def test_projected_tensors_leave_the_gate_groups_for_a_fixed_mask_group():
     model = dpkernels.diff_prune(tiny_bert())
     randomise(model)
-    dpkernels.project(model, 0.05)
     model.train()(input_ids=_inputs()[0])
-    assert model._dpkernels_gate_groups._layouts == {}
-    assert all(not grouped.effective_tensors(o) for o, _ in owners(model))
+    assert [key[0] for key in model._dpkernels_gate_groups._layouts] == [torch.device("cpu")]
+    dpkernels.project(model, 0.05)
+    model(input_ids=_inputs()[0])
+    assert [key[0] for key in model._dpkernels_gate_groups._layouts] == ["fixed"]
+    assert model._dpkernels_gate_groups.penalties() == (set(), [])
 
 
 def test_a_layer_called_alone_applies_its_own_gates():
@@ -495,3 +497,38 @@ def test_the_compiled_philox_draws_the_references_bits(n):
     counters = torch.randint(0, 1 << 40, (n,), generator=gen)
     draws = torch.compile(torch_fused._grouped_draws, dynamic=True)(seeds, owner, counters)
     assert torch.equal(draws, ref.grouped_uniform(seeds, owner, counters))
+
+
+def test_the_fixed_mask_stage_groups_its_small_tensors_bit_for_bit():
+    """After project, the small tensors' theta0 + scatter(index, values) come from one indexed write
+    and their gradients from one gather: outputs and gradients equal the per-tensor path's."""
+    model = dpkernels.diff_prune(tiny_bert())
+    randomise(model)
+    dpkernels.project(model, 0.05)
+    inputs, labels = _inputs()
+    grouped_result = step(model.train(), inputs, labels)
+    (key,) = model._dpkernels_gate_groups._layouts
+    assert key[0] == "fixed"
+    model._dpkernels_gate_groups.enabled = False
+    assert_same(grouped_result, step(model, inputs, labels))
+
+
+def test_a_fixed_mask_layer_under_autocast_keeps_its_own_path():
+    """Under autocast a DiffLinear's sampled weight gradient accumulates in fp32 on its own path;
+    the group's effective weight (base dtype) is not used for it."""
+    model = dpkernels.diff_prune(tiny_bert().float())
+    randomise(model)
+    dpkernels.project(model, 0.05)
+    inputs, labels = _inputs()
+    model.train()
+    results = []
+    for enabled in (True, False):
+        model._dpkernels_gate_groups.enabled = enabled
+        for p in model.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        layer = model.bert.encoder.layer[0].attention.self.query
+        results.append(layer.diff_values.grad.clone())
+    assert torch.equal(*results)
