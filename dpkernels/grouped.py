@@ -15,8 +15,8 @@ Members: an L0-stage, unstructured tensor with at most :data:`GROUP_MAX_NUMEL` e
 DiffLinear's weight -- then also its bias -- or bias; a GatedParameter). A group: the members of
 one (device, dtype, gate constants, fused l0_lambda, train/eval mode). The fixed-mask stage's tensors
 of that size likewise, per (device, values dtype, base dtype): one indexed write forward, one
-gather backward (a DiffLinear under autocast, or fed another dtype than its weight's, keeps its own
-path and its sampled weight gradient's fp32 accumulation). Per tensor still: the structured
+gather backward (a DiffLinear in half precision or under autocast keeps its own path and its
+sampled weight gradient's fp32 accumulation). Per tensor still: the structured
 variant, larger tensors, a model sharded by FSDP2 (its hooks swap
 the parameters) and any DTensor, and backends without grouped kernels (the CUDA extension: an
 explicit ``DPKERNELS_BACKEND=cuda``; ``auto`` takes Triton on GPUs).

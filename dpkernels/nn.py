@@ -289,8 +289,11 @@ class DiffLinear(_GatedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_mask:
+            # The grouped effective weight where autograd's dW is as precise as the sampled
+            # gradient's fp32 accumulation: fp32/fp64 compute, no autocast.
             weight = grouped.effective(self, "")
-            if weight is not None and x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            if (weight is not None and x.dtype == weight.dtype and weight.dtype in (torch.float32, torch.float64)
+                    and not torch.is_autocast_enabled(x.device.type)):
                 bias = grouped.effective(self, "bias_")  # (formed by the model forward's grouped pass)
                 return nn.functional.linear(x, weight, self.bias if bias is None else bias)
             # Indices are checked when they are set (to_fixed_mask) and again in eager mode whenever
