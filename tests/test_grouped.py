@@ -1,11 +1,13 @@
 """Grouped gating (dpkernels.grouped): one gate pass per model forward for the small gated tensors.
 
-Pinned here: the grouped draws equal each tensor's own draws bit for bit; a grouped model's
-outputs and every gradient equal the per-tensor path's in float64 bit for bit, given the same
-seeds (training and eval, fused L0 gradient, tied gates, a DiffLinear whose bias alone is grouped,
-gradient checkpointing); the backends' grouped kernels against the float64 reference; what is
-grouped and what is not; the optimizer side (foreach AdamW exact, one clipping reduction per group,
-l0_penalty a few ops); and that the ATen ops a step spends on its gates do not grow with depth.
+Pinned here: the grouped draws equal each tensor's own draws bit for bit (the compiled CPU
+Philox too); a grouped model's outputs and every gradient equal the per-tensor path's in float64
+bit for bit, given the same seeds (training and eval, fused L0 gradient, l0_penalty, a DiffLinear
+whose bias alone is grouped, the fixed-mask stage, gradient checkpointing; tied gates up to one
+addition's rounding); the backends' grouped kernels against the float64 reference; what is grouped
+and what is not; the optimizer side (foreach AdamW exact, clipping and l0_penalty a constant number
+of ops); that the ATen ops a step spends on its gates do not grow with depth; and that a SparseDiff
+made before grouping still applies bit for bit.
 """
 
 import copy
