@@ -16,6 +16,12 @@ eager pass costs about a millisecond or less, so a model made only of such tenso
 never pays one, while any real model (an embedding table alone) compiles anyway and then fuses all but
 its biases and norms. (The threshold was 2**18, which left MiniLM's 384x384 attention weights and
 position embeddings eager.) If compiling fails (no C++ compiler, say) it warns once and stays eager.
+
+Also here: the grouped passes of dpkernels.grouped (which on a CPU keep z and dz from the forward,
+so that the backward draws nothing), l0_penalty's E[L0] with its slope in one pass per large tensor,
+and, inside every compiled pass, a Philox whose 32 x 32-bit products are single wrapping int64
+multiplies (the reference's exact emulation splits them in 16-bit halves): the same bits, half the
+instructions.
 """
 
 from __future__ import annotations
@@ -141,13 +147,13 @@ def _route_kept(g, diff, la, z, dz, l0_lambda: float, l0_shift: float):
     return _route(g, diff, la, z, dz, l0_lambda, l0_shift)
 
 
-MODES = {("z", True): _z_train, ("z", False): _z_eval, ("apply", True): _apply_train, ("apply", False): _apply_eval,
-         ("backward", True): _backward_train, ("backward", False): _backward_eval}  # (pass, training) -> function
 def _expected_l0_and_slope(la, l0_shift: float):
     p = torch.sigmoid(la - l0_shift)
     return p.sum(), p * (1 - p)
 
 
+MODES = {("z", True): _z_train, ("z", False): _z_eval, ("apply", True): _apply_train, ("apply", False): _apply_eval,
+         ("backward", True): _backward_train, ("backward", False): _backward_eval}  # (pass, training) -> function
 # The grouped passes (dpkernels.grouped), training only (eval gates take the modes above), and
 # E[L0] with its gradient's slope in one pass (dpkernels.l0_penalty's large tensors).
 GROUPED_MODES = {("grouped_gates", True): _grouped_gates_train, ("grouped_keep", True): _grouped_keep_train,
