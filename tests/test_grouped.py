@@ -534,3 +534,24 @@ def test_a_fixed_mask_layer_under_autocast_keeps_its_own_path():
         layer = model.bert.encoder.layer[0].attention.self.query
         results.append(layer.diff_values.grad.clone())
     assert torch.equal(*results)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_grouped_model_on_the_gpu_matches_its_per_tensor_path(monkeypatch):
+    """On a GPU (Triton's grouped kernels): the grouped model against the per-tensor path with the
+    same seeds, the gates drawn by the same Philox and gate formulas (so the GPU check runs it)."""
+    model = dpkernels.diff_prune(tiny_bert().float().cuda())
+    randomise(model)
+    inputs, labels = (t.cuda() for t in _inputs())
+    model.train()
+    torch.manual_seed(5)
+    logits, grads = step(model, inputs, labels, penalty=0.3)
+    assert grouped.effective_tensors(model.bert.encoder.layer[0].attention.self.query)
+    seeds = {id(o): o._seed for o, _ in owners(model)}
+    per_tensor_replay(monkeypatch, model, seeds)
+    logits_pt, grads_pt = step(model, inputs, labels, penalty=0.3)
+    torch.testing.assert_close(logits, logits_pt)
+    assert grads.keys() == grads_pt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_pt[name], msg=name)
