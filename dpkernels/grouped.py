@@ -57,22 +57,26 @@ _NONE: dict = {}
 GROUP_MAX_NUMEL = 1 << 16  # larger tensors keep their own pass (a GPU DiffLinear weight: its fused GEMM)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
+# Resolved once: these checks run for every member on every forward.
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # no distributed support, or a torch before FSDP2's public API
+    _FSDPModule = None
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A sharded tensor (FSDP2's DTensor): not concatenated with others, not summed whole."""
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def _fsdp_sharded(model: nn.Module) -> bool:
     """FSDP2 swaps a sharded module's parameters in its own pre-forward hooks: such a model's gates
     run per tensor (its sharded DTensors cannot be concatenated anyway)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed support, or before FSDP2
-        return False
-    return isinstance(model, FSDPModule)
+    return _FSDPModule is not None and isinstance(model, _FSDPModule)
 
 
 def _in_backward() -> bool:
@@ -271,7 +275,7 @@ class GateGroups:
                 found = [("", plist.original, 0)] if owner.numel <= GROUP_MAX_NUMEL else []
             for prefix, theta0, counter0 in found:
                 diff, la = params[prefix + "diff"], params[prefix + "log_alpha"]
-                if _is_dtensor(diff) or _is_dtensor(theta0):
+                if is_dtensor(diff) or is_dtensor(theta0):
                     continue
                 key = (diff.device, diff.dtype, theta0.dtype, owner.l, owner.r, owner.beta, owner.l0_lambda,
                        owner.training)
@@ -290,8 +294,8 @@ class GateGroups:
                 found = [("", plist.original)]
             for prefix, theta0 in found:
                 values, index = params.get(prefix + "diff_values"), buffers.get(prefix + "diff_index")
-                if theta0 is None or values is None or theta0.numel() > GROUP_MAX_NUMEL or _is_dtensor(values) \
-                        or _is_dtensor(theta0):
+                if theta0 is None or values is None or theta0.numel() > GROUP_MAX_NUMEL or is_dtensor(values) \
+                        or is_dtensor(theta0):
                     continue
                 key = ("fixed", values.device, values.dtype, theta0.dtype)
                 groups.setdefault(key, []).append(_MaskMember(owner, prefix, theta0, values, index))

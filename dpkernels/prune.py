@@ -252,7 +252,7 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 def l0_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of E[L0] over every gated tensor of the model (product form when structured), differentiable."""
     gated = [gt for _, _, gt in require_gated(model)]
-    if any(_is_sharded(t) for gt in gated for t in gt.trainable()):
+    if any(grouped.is_dtensor(t) for gt in gated for t in gt.trainable()):
         raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
                          "L0 gradient instead: diff_prune(model, l0_lambda=...)")
     # The grouped tensors: their groups' terms from the model forward (dpkernels.grouped). The
@@ -298,14 +298,6 @@ class _ExpectedL0(torch.autograd.Function):
 
 def _fused_expected_l0(log_alpha: torch.Tensor, shift: float):
     return load_backend("torch").expected_l0_and_slope(log_alpha, shift) if log_alpha.device.type == "cpu" else None
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
 
 
 def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: float = 0.1,
