@@ -52,6 +52,8 @@ __all__ = [
     "expected_l0_grad",
     "gate_forward",
     "gate_backward",
+    "apply_gates",
+    "route_gradient",
     "grouped_uniform",
     "grouped_gate_forward",
     "grouped_gate_backward",
@@ -258,6 +260,22 @@ def _gates_and_grad(log_alpha, seed, offset, training, l, r, beta):
 # --------------------------------------------------------------------------------------------
 
 
+def apply_gates(z, theta0, diff, out_dtype=None):
+    """theta0 + z * diff, formed in the diff's precision and rounded once to out_dtype (default
+    theta0's): the effective weight of every gate pass."""
+    return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
+
+
+def route_gradient(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda=0.0):
+    """(g * z, g * diff * dz + l0_lambda * p (1 - p)) for g = dLoss/dtheta: every gate backward's
+    routing, from given gates z and dz/dlog_alpha."""
+    g = g.to(diff.dtype)
+    gla = g * diff * dz
+    if l0_lambda:
+        gla = gla + l0_lambda * expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
+    return g * z, gla
+
+
 def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, diff=None, out_dtype=None):
     """Gates z (theta0 is None) or the effective weight theta0 + z * diff in out_dtype.
 
@@ -265,9 +283,7 @@ def gate_forward(log_alpha, seed, offset, training, l, r, beta, theta0=None, dif
     """
     with torch.no_grad():
         z, _ = _gates_and_grad(log_alpha, seed, offset, training, l, r, beta)
-        if theta0 is None:
-            return z
-        return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
+        return z if theta0 is None else apply_gates(z, theta0, diff, out_dtype)
 
 
 def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lambda=0.0,
@@ -279,11 +295,7 @@ def gate_backward(g, diff, log_alpha, seed, offset, training, l, r, beta, l0_lam
     """
     with torch.no_grad():
         z, dz = _gates_and_grad(log_alpha, seed, offset, training, l, r, beta)
-        g = g.to(diff.dtype)
-        gw = g * z
-        gla = g * diff * dz
-        if l0_lambda:
-            gla = gla + l0_lambda * expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
+        gw, gla = route_gradient(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda)
         if grad_diff is not None:
             gw = grad_diff.add_(gw)
         if grad_log_alpha is not None:
@@ -314,18 +326,14 @@ def grouped_gate_forward(log_alpha, seeds, owner, counters, training, l, r, beta
     as in :func:`grouped_uniform` (eval gates when not training: seeds, owner, counters unused)."""
     with torch.no_grad():
         z, _ = _grouped_gates_and_grad(log_alpha, seeds, owner, counters, training, l, r, beta)
-        return (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
+        return apply_gates(z, theta0, diff, out_dtype)
 
 
 def grouped_gate_backward(g, diff, log_alpha, seeds, owner, counters, training, l, r, beta, l0_lambda=0.0):
     """:func:`gate_backward` (fresh gradients) for a flat buffer drawn as in :func:`grouped_uniform`."""
     with torch.no_grad():
         z, dz = _grouped_gates_and_grad(log_alpha, seeds, owner, counters, training, l, r, beta)
-        g = g.to(diff.dtype)
-        gla = g * diff * dz
-        if l0_lambda:
-            gla = gla + l0_lambda * expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
-        return g * z, gla
+        return route_gradient(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda)
 
 
 def gated_linear(x, theta0, diff, log_alpha, bias, seed, offset, training, l, r, beta):

@@ -255,8 +255,8 @@ def grouped_gate_forward_keep(log_alpha, seeds, owner, counters, l, r, beta, the
             return out[0].to(out_dtype or theta0.dtype), *out[1:]
     with torch.no_grad():
         z, dz = reference._grouped_gates_and_grad(log_alpha, seeds, owner, counters, True, l, r, beta)
-        out = (theta0.to(diff.dtype) + z * diff).to(out_dtype or theta0.dtype)
-        return out, z, dz, reference.expected_l0(log_alpha, l=l, r=r, beta=beta)
+        return reference.apply_gates(z, theta0, diff, out_dtype), z, dz, reference.expected_l0(log_alpha, l=l, r=r,
+                                                                                              beta=beta)
 
 
 def gate_backward_kept(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda=0.0):
@@ -267,11 +267,7 @@ def gate_backward_kept(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda=0.0):
         if out is not None:
             return out
     with torch.no_grad():
-        g = g.to(diff.dtype)
-        gla = g * diff * dz
-        if l0_lambda:
-            gla = gla + l0_lambda * reference.expected_l0_grad(log_alpha, l=l, r=r, beta=beta)
-        return g * z, gla
+        return reference.route_gradient(g, diff, log_alpha, z, dz, l, r, beta, l0_lambda)
 
 
 def expected_l0_and_slope(log_alpha, l0_shift: float):
