@@ -120,6 +120,17 @@ class _Layout:
                                    for m, n in zip(members, self.sizes, strict=True)]).to(device)
 
 
+def _split(flat: torch.Tensor, layout) -> tuple[torch.Tensor, ...]:
+    """The members' tensors (views) of a group's flat buffer."""
+    return tuple(part.view(shape) for part, shape in zip(flat.split(layout.sizes), layout.shapes, strict=True))
+
+
+def _flatten(grads, layout, like: torch.Tensor) -> torch.Tensor:
+    """The members' gradients in one flat buffer, zeros for a member without one."""
+    return torch.cat([g.reshape(-1) if g is not None else like.new_zeros(n)
+                      for g, n in zip(grads, layout.sizes, strict=True)])
+
+
 class _GroupedGateApply(torch.autograd.Function):
     """Every member's theta0 + z * diff from one pass; one routing pass backward.
 
@@ -154,8 +165,7 @@ class _GroupedGateApply(torch.autograd.Function):
                                                layout.training, layout.l, layout.r, layout.beta, layout.theta0, diff,
                                                layout.theta0.dtype)
             penalty = torch.sigmoid(log_alpha - layout.shift).sum()
-        return (*(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True)),
-                penalty)
+        return (*_split(out, layout), penalty)
 
     @staticmethod
     @once_differentiable  # no second derivative: a gradient penalty raises instead of being wrong
@@ -167,8 +177,7 @@ class _GroupedGateApply(torch.autograd.Function):
         # sync (a CPU tensor), else added below.
         penalty_in_pass = grad_penalty is not None and grad_penalty.device.type == "cpu"
         penalty_weight = float(grad_penalty) if penalty_in_pass else 0.0
-        flat = torch.cat([g.reshape(-1) if g is not None else diff.new_zeros(n)
-                          for g, n in zip(grads, layout.sizes, strict=True)])
+        flat = _flatten(grads, layout, diff)
         # The fused L0 gradient in the pass when every member with a gradient still owes it (always,
         # but under reentrant checkpointing); else added below to those that do.
         owed = [u and due for u, due in zip(used, ctx.l0_due, strict=True)]
@@ -236,14 +245,13 @@ class _GroupedMaskApply(torch.autograd.Function):
         out = layout.theta0.clone()
         out[layout.index] = (layout.theta0_at.to(flat.dtype) + flat).to(out.dtype)
         ctx.layout, ctx.dtype = layout, flat.dtype
-        return tuple(part.view(shape) for part, shape in zip(out.split(layout.sizes), layout.shapes, strict=True))
+        return _split(out, layout)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         layout = ctx.layout
-        flat = torch.cat([g.reshape(-1) if g is not None else layout.theta0.new_zeros(n)
-                          for g, n in zip(grads, layout.sizes, strict=True)])
+        flat = _flatten(grads, layout, layout.theta0)
         pieces = flat[layout.index].to(ctx.dtype).split(layout.value_sizes)
         return (None, *(p if g is not None else None for p, g in zip(pieces, grads, strict=True)))
 
@@ -301,23 +309,24 @@ class GateGroups:
                 groups.setdefault(key, []).append(_MaskMember(owner, prefix, theta0, values, index))
         return groups
 
+    def _cached(self, key, signature: tuple, build):
+        """The group's layout, rebuilt by ``build()`` only when its members' signature changed."""
+        cached = self._layouts.get(key)
+        if cached is None or cached[0] != signature:
+            cached = self._layouts[key] = (signature, build())
+        return cached[1]
+
     def _mask_layout(self, key, members: list[_MaskMember]) -> _MaskLayout:
         signature = tuple((id(m.owner), m.prefix, id(m.values), m.theta0.data_ptr(), m.theta0._version,
                            m.index.data_ptr(), m.index._version, m.index.numel()) for m in members)
-        cached = self._layouts.get(key)
-        if cached is None or cached[0] != signature:
-            cached = self._layouts[key] = (signature, _MaskLayout(members))
-        return cached[1]
+        return self._cached(key, signature, lambda: _MaskLayout(members))
 
     def _layout(self, key, members: list[_Member]) -> _Layout:
         # Rebuilt when a member, a parameter object or a base's data (pointer or version) changed.
         signature = tuple((id(m.owner), m.prefix, id(m.diff), id(m.log_alpha), m.theta0.data_ptr(),
                            m.theta0._version, m.diff.data_ptr()) for m in members)
-        cached = self._layouts.get(key)
-        if cached is None or cached[0] != signature:
-            position = {id(owner): i for i, (owner, _) in enumerate(self.owners)}
-            cached = self._layouts[key] = (signature, _Layout(members, position))
-        return cached[1]
+        position = lambda: {id(owner): i for i, (owner, _) in enumerate(self.owners)}  # noqa: E731
+        return self._cached(key, signature, lambda: _Layout(members, position()))
 
     def begin(self, model: nn.Module) -> None:
         """At the model forward's start: one seed per gate owner, then every group's gates, one pass each."""
