@@ -123,6 +123,7 @@ def test_grouped_kernels_match_the_reference(backend, fused, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     n = 5003
     la, theta0, diff, g = (torch.randn(n, generator=gen) * s for s in (3, 1, 1, 1))
+    la[:6] = torch.tensor([1e4, -1e4, 60.0, -60.0, 0.0, 1e-30])  # saturated gates, and the middle
     seeds = torch.randint(-(1 << 63), (1 << 63) - 1, (4,), generator=gen)
     owner = torch.randint(0, 4, (n,), generator=gen, dtype=torch.int32)
     counters = torch.randint(0, 1 << 40, (n,), generator=gen)
