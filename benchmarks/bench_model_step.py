@@ -227,7 +227,7 @@ def make_step(provider: str, model, batch: dict, *, amp: bool):
         if not l0_stage:
             _spread_diffs(model)
             dpkernels.project(model, FIXED_SPARSITY)
-        opt = torch.optim.AdamW(dpkernels.optimizer_groups(model), foreach=True)
+        opt = dpkernels.AdamW(dpkernels.optimizer_groups(model), foreach=True)
 
         def backward():
             loss = _loss(model, batch, amp)

@@ -1,8 +1,9 @@
 """dpkernels: fast diff pruning (Guo, Rush & Kim, ACL 2021) for PyTorch.
 
 Public API (DESIGN.md section 5): sample_gates, eval_gates, expected_l0, diff_linear, DiffLinear,
-info; SparseDiff, TaskSwitcher and MultiTask (mixed-task batches) serve task diffs. Backends (torch
-reference, Triton, CUDA) are chosen per call by DPKERNELS_BACKEND.
+info; AdamW (torch's, bit for bit, stepping many small tensors as one); SparseDiff, TaskSwitcher
+and MultiTask (mixed-task batches) serve task diffs. Backends (torch reference, Triton, CUDA) are
+chosen per call by DPKERNELS_BACKEND.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .backends import BackendUnavailable
 from .multitask import MultiTask
 from .nn import DiffLinear, GatedParameter
 from .ops import diff_linear, eval_gates, expected_l0, fixed_mask_linear, gate_apply, sample_gates
+from .optim import AdamW
 from .prune import L0Target, clip_grad_norms, diff_prune, l0_penalty, log_alpha_lr, optimizer_groups, project
 from .sparse import SparseDiff, TaskSwitcher, merge_and_unload
 
@@ -22,6 +24,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0+unknown"
 
 __all__ = [
+    "AdamW",
     "BackendUnavailable",
     "L0Target",
     "DiffLinear",

@@ -68,6 +68,25 @@ except ImportError:  # no distributed support, or a torch before FSDP2's public 
     _FSDPModule = None
 
 
+# Bumped by every module, parameter and buffer registration in the process (torch's global
+# registration hooks): l0_penalty takes the groups' terms alone only while no registration
+# happened since the model forward that made them and since the groups' owners were checked to be
+# every gate of the model.
+_STRUCTURE = [0]
+
+
+def _structure_changed(*_args) -> None:
+    _STRUCTURE[0] += 1
+
+
+_REGISTRATION_HOOKS = [getattr(torch.nn.modules.module, f"register_module_{kind}_registration_hook", None)
+                       for kind in ("module", "parameter", "buffer")]
+_TRACKS_STRUCTURE = all(_REGISTRATION_HOOKS)
+if _TRACKS_STRUCTURE:
+    for _register in _REGISTRATION_HOOKS:
+        _register(_structure_changed)
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     """A sharded tensor (FSDP2's DTensor): not concatenated with others, not summed whole."""
     return _DTensor is not None and isinstance(t, _DTensor)
@@ -267,27 +286,38 @@ class GateGroups:
         self._no_seeds = torch.zeros(1, dtype=torch.int64)  # (eval gates take no draw)
         self._penalties: list[tuple] = []  # per group of the latest forward: (members, versions, E[L0])
         self._layouts: dict[tuple, tuple[tuple, _Layout]] = {}  # group key -> (members' signature, layout)
+        self._all_grouped = False  # the latest forward: every owner's every gated tensor an L0 member
+        self._member_count = 0
+        self._forward_structure = -1  # _STRUCTURE at the latest forward
+        self._owners_checked = -1  # _STRUCTURE when the owners were last found to be the model's gates
 
     def _members(self) -> dict[tuple, list[_Member]]:
         groups: dict[tuple, list[_Member]] = {}
+        all_grouped = True  # (every gated tensor of every owner a member)
         for owner, plist in self.owners:
             params = owner._parameters  # (read directly: nn.Module.__getattr__ costs ~1 us a call)
             if owner.structured or owner._buffers.get("diff_index") is not None or params.get("diff") is None:
+                all_grouped = False
                 continue
             if plist is None:  # a DiffLinear: its weight (then its bias too) or its bias alone
                 weight, bias = params["weight"], params.get("bias")
                 found = [("", weight, 0), ("bias_", bias, weight.numel())]
-                found = [f for f in found if f[1] is not None and params.get(f[0] + "diff") is not None
-                         and f[1].numel() <= GROUP_MAX_NUMEL]
+                found = [f for f in found if f[1] is not None and params.get(f[0] + "diff") is not None]
+                small = [f for f in found if f[1].numel() <= GROUP_MAX_NUMEL]
+                all_grouped &= len(small) == len(found)
+                found = small
             else:
                 found = [("", plist.original, 0)] if owner.numel <= GROUP_MAX_NUMEL else []
+                all_grouped &= bool(found)
             for prefix, theta0, counter0 in found:
                 diff, la = params[prefix + "diff"], params[prefix + "log_alpha"]
                 if is_dtensor(diff) or is_dtensor(theta0):
+                    all_grouped = False
                     continue
                 key = (diff.device, diff.dtype, theta0.dtype, owner.l, owner.r, owner.beta, owner.l0_lambda,
                        owner.training)
                 groups.setdefault(key, []).append(_Member(owner, prefix, theta0, diff, la, counter0))
+        self._all_grouped = all_grouped
         return groups
 
     def _mask_members(self) -> dict[tuple, list[_MaskMember]]:
@@ -348,7 +378,9 @@ class GateGroups:
         self.active = True
         if compiling:
             return
+        self._forward_structure = _STRUCTURE[0]
         groups, masks = self._members(), self._mask_members()
+        self._member_count = sum(len(members) for members in groups.values())
         self._layouts = {key: cached for key, cached in self._layouts.items() if key in groups or key in masks}
         for key, members in masks.items():
             effective = _GroupedMaskApply.apply(self._mask_layout(key, members), *(m.values for m in members))
@@ -381,15 +413,32 @@ class GateGroups:
     def penalties(self) -> tuple[set[int], list[torch.Tensor]]:
         """(ids of the log_alphas covered, their groups' E[L0] terms) from the latest model forward,
         for the groups whose log_alphas are unchanged since (no optimizer step in between) and
-        whose term is differentiable when gradients are on."""
+        still their owners' (no projection in between), and whose term is differentiable when
+        gradients are on."""
         covered, terms = set(), []
         for members, versions, penalty in self._penalties:
             if penalty.grad_fn is None and torch.is_grad_enabled():
                 continue  # (a forward under no_grad: the term would be a constant)
-            if all(m.log_alpha._version == v for m, v in zip(members, versions, strict=True)):
+            if all(m.log_alpha._version == v and m.owner._parameters.get(m.prefix + "log_alpha") is m.log_alpha
+                   for m, v in zip(members, versions, strict=True)):
                 covered.update(id(m.log_alpha) for m in members)
                 terms.append(penalty)
         return covered, terms
+
+    def total_penalty(self, model: nn.Module, gate_owners) -> torch.Tensor | None:
+        """The model's whole sum of E[L0] from the latest forward's group terms, when they cover
+        every gated tensor of the model (``gate_owners(model)``: the model's gate owners, asked
+        only after a registration of a module, parameter or buffer); else None."""
+        if not (_TRACKS_STRUCTURE and self._all_grouped and self._forward_structure == _STRUCTURE[0]):
+            return None
+        if self._owners_checked != _STRUCTURE[0]:
+            if {id(owner) for owner in gate_owners(model)} != {id(owner) for owner, _ in self.owners}:
+                return None
+            self._owners_checked = _STRUCTURE[0]
+        covered, terms = self.penalties()
+        if not terms or len(covered) != self._member_count:
+            return None
+        return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
     def __getstate__(self):  # (pickle, deepcopy) without the caches: layouts and the latest penalties
         return {**self.__dict__, "_layouts": {}, "_penalties": []}

@@ -25,6 +25,7 @@ import torch
 from . import data as data_mod
 from . import hf
 from .nn import gate_parameter_ids, iter_gated
+from .optim import AdamW
 from .prune import L0Target, diff_prune, l0_penalty, log_alpha_lr, optimizer_groups, project, top_k_indices
 from .sparse import SparseDiff
 from .trainer import gate_statistics
@@ -147,7 +148,7 @@ def _stage(model, loader, groups, cfg: FinetuneConfig, device, epochs: int, extr
            constraint: L0Target | None = None) -> dict:
     """One stage: AdamW, warmup then linear decay (log_alpha: warmup then constant, since the L0
     target schedules the gates), per-group clipping; ``constraint.after_step`` after each step."""
-    optimizer = torch.optim.AdamW(groups, foreach=True)  # exact: tests/test_grouped.py
+    optimizer = AdamW(groups, foreach=True)  # torch's result bit for bit: tests/test_optim.py
     steps = epochs * len(loader)
     warmup = int(cfg.warmup_ratio * steps)
     factors = [hf.linear_factor(steps, warmup, decay=g.get("name") != "log_alpha") for g in optimizer.param_groups]

@@ -251,6 +251,11 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def l0_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of E[L0] over every gated tensor of the model (product form when structured), differentiable."""
+    groups = getattr(model, "_dpkernels_gate_groups", None)
+    if groups is not None:  # every tensor grouped (e.g. a deep narrow model on a CPU): no scan of the model
+        total = groups.total_penalty(model, lambda m: [module for _, module, _ in iter_gated(m)])
+        if total is not None:
+            return total
     gated = [gt for _, _, gt in require_gated(model)]
     if any(grouped.is_dtensor(t) for gt in gated for t in gt.trainable()):
         raise ValueError("l0_penalty needs whole tensors but the gates are sharded (FSDP2); use the fused "
@@ -258,7 +263,6 @@ def l0_penalty(model: nn.Module) -> torch.Tensor:
     # The grouped tensors: their groups' terms from the model forward (dpkernels.grouped). The
     # others: one autograd node of multi-tensor ops per (device, dtype, gate constants) for the L0
     # stage's unstructured tensors, not a few ops and nodes per tensor; the rest per tensor.
-    groups = getattr(model, "_dpkernels_gate_groups", None)
     covered, terms = groups.penalties() if groups is not None else (set(), [])
     lists: dict[tuple, list[torch.Tensor]] = {}
     for gt in gated:
@@ -310,9 +314,8 @@ def optimizer_groups(model: nn.Module, *, diff_lr: float = 1e-3, log_alpha_lr: f
     the penalty and the projection; it does not list these), and the gradient norms of w and
     log_alpha clipped separately (:func:`clip_grad_norms`). Empty groups are left out. A model
     without gated tensors is refused: its "dense" group would silently be full finetuning.
-    Hundreds of small tensors: step them with torch's multi-tensor path (``AdamW(groups,
-    foreach=True)``, what dpkernels' own loops do; on a CPU it gives the for-loop's result bit for
-    bit, tests/test_grouped.py), not the per-tensor loop torch defaults to on a CPU.
+    Hundreds of small tensors: step them with :class:`dpkernels.AdamW` (what dpkernels' own loops
+    do: torch's AdamW bit for bit, the grouped tensors stepped as one flat tensor per group).
     """
     gated = [gt for _, _, gt in require_gated(model, " (it would be plain full finetuning)")]
     diff, gates = [], []

@@ -33,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 
 from .nn import iter_gated, require_gated
 from .ops import eval_gates
+from .optim import AdamW
 from .prune import clip_grad_norms, l0_penalty, optimizer_groups
 from .sparse import SparseDiff
 from .training import enter_saved_masks
@@ -107,8 +108,8 @@ class DiffPruningTrainer(Trainer):
                                  "train on with a fresh DiffPruningTrainer")
         if self.optimizer is None:
             groups = optimizer_groups(self.model, weight_decay=self.args.weight_decay, **self.group_lrs)
-            self.optimizer = torch.optim.AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                               eps=self.args.adam_epsilon, foreach=True)
+            self.optimizer = AdamW(groups, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                   eps=self.args.adam_epsilon, foreach=True)
         return self.optimizer
 
     def log(self, logs: dict, *args, **kwargs) -> None:

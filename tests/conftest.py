@@ -14,6 +14,11 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# Under pytest-xdist (the README's test command: -n 2) each worker takes its share of the cores, so
+# that two workers' torch thread pools do not contend for the same two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # On a GPU the fused kernels launch one fixed tile: autotuning would compile all of them for every

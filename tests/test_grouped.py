@@ -182,6 +182,34 @@ def test_the_penalty_after_an_optimizer_step_is_recomputed():
     torch.testing.assert_close(dpkernels.l0_penalty(model), expected, rtol=1e-15, atol=0)
 
 
+def test_a_fully_grouped_models_penalty_skips_the_model_scan_only_while_its_structure_holds():
+    """With every tensor grouped, l0_penalty after a forward is the group terms' sum alone (no walk
+    over the model); a gated module added since, or a projection since, takes the full path."""
+    model = dpkernels.diff_prune(tiny_bert())
+    randomise(model)
+
+    def expected():
+        return torch.stack([gt.expected_l0() for _, _, gt in iter_gated(model)]).sum()
+
+    model.train()(input_ids=_inputs()[0])
+    dpkernels.l0_penalty(model)  # (the first call checks the groups' owners against the model)
+    ops = _ops(lambda: dpkernels.l0_penalty(model))
+    assert ops <= 3  # (the stack and the sum of the one group's term)
+    penalty = dpkernels.l0_penalty(model)
+    torch.testing.assert_close(penalty, expected(), rtol=1e-15, atol=0)
+    # A gated layer added after diff_prune: not an owner of the groups, its term must count.
+    model.extra = dnn.DiffLinear(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        model.extra.log_alpha.fill_(4.0)
+    model(input_ids=_inputs()[0])
+    torch.testing.assert_close(dpkernels.l0_penalty(model), expected(), rtol=1e-15, atol=0)
+    del model.extra
+    # A projection between the forward and the penalty: the mask sizes, not the forward's terms.
+    model(input_ids=_inputs()[0])
+    dpkernels.project(model, 0.05)
+    torch.testing.assert_close(dpkernels.l0_penalty(model), expected(), rtol=1e-15, atol=0)
+
+
 def test_each_grouped_tensor_replays_from_its_owners_seed():
     model = dpkernels.diff_prune(tiny_bert()).train()
     randomise(model)
